@@ -1,0 +1,45 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is installed here and
+# cached under ~/.cache/stadi so that a second run (or a fresh clone on the same machine) is fast.
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/stadi
+PYTHON ?= python3
+VENV := .venv
+BOOT := $(CACHE)/bootstrap
+UV := $(BOOT)/bin/uv
+STAMP := $(VENV)/.installed
+export UV_CACHE_DIR := $(CACHE)/uv
+export UV_PYTHON_DOWNLOADS := never
+export STADI_CACHE := $(CACHE)
+PYTEST_ARGS ?=
+
+.PHONY: run test lint setup plan crd clean
+
+run: setup
+	$(VENV)/bin/stadi run manifests/examples/tiny-sdxl.yaml --ranks 2 --device cpu --output out/tiny
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+setup: $(STAMP)
+
+$(UV):
+	$(PYTHON) -m venv $(BOOT)
+	$(BOOT)/bin/pip install --quiet --disable-pip-version-check uv==0.13.8
+
+$(STAMP): pyproject.toml constraints.txt | $(UV)
+	test -x $(VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(VENV)/bin/python -c constraints.txt -e ".[worker,operator,dev]"
+	touch $@
+
+plan: setup
+	$(VENV)/bin/stadi plan --gpus H100,A100-80GB,L4:0.5 --model sdxl --height 1024 --width 1024 --steps 50
+
+crd: setup
+	$(VENV)/bin/stadi crd
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis .benchmarks

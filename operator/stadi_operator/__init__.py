@@ -1,0 +1,1 @@
+"""Control plane: kopf operator, cluster GPU inventory, pod-group builder, node agent."""

@@ -1,0 +1,459 @@
+"""The DiffusionJob and GPUNode resources (group ``stadi.dev``, version ``v1alpha1``) and the Plan.
+
+These pydantic models are the source of truth: the CRD schemas are generated from them (``stadi crd``).
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from stadi.families import profile
+
+GROUP = "stadi.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Strategy = Literal["auto", "single", "patch", "cfg", "stadi", "stadi+cfg"]
+STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg")
+Scheduler = Literal["default", "ddim", "euler", "dpmpp-2m", "flow-euler"]
+OUTPUT_SCHEMES = ("s3", "file")
+MODEL_SCHEMES = ("s3", "file", "random")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class Model(BaseModel):
+    """Base for every API object: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The wire form: camelCase, unset optionals left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelSource(Model):
+    """Which diffusion model to run and where its weights are."""
+
+    family: Literal["sdxl", "sd3", "sd15", "pixart", "flux"] = Field(
+        description="Model architecture family; decides the layer wrappers and the band granularity."
+    )
+    source: str = Field(
+        description="Weights: s3://bucket/path, file:///dir (a mounted volume), a hub id (org/name) where the "
+        "cluster has network, or random://tiny | random://full (random weights, for tests and benchmarks)."
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if "://" in value:
+            scheme = value.split("://", 1)[0]
+            if scheme not in MODEL_SCHEMES:
+                raise ValueError(
+                    f"unsupported scheme {scheme!r}; allowed: s3://, file://, random://, or a hub id org/name"
+                )
+            if scheme == "random" and value not in ("random://tiny", "random://full"):
+                raise ValueError("random weights are random://tiny or random://full")
+        elif not _HUB_ID.match(value):
+            raise ValueError("must be s3://…, file://…, random://tiny|full, or a hub id of the form org/name")
+        return value
+
+
+class GpuRange(Model):
+    """How many GPUs the job may use."""
+
+    min: Annotated[int, Field(ge=1, le=1024)] = 1
+    max: Annotated[int, Field(ge=1, le=1024)] = 8
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GpuRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class Parallelism(Model):
+    """How the work is split across GPUs."""
+
+    strategy: Strategy = Field("auto", description="auto picks the lowest predicted latency.")
+    gpus: GpuRange = Field(default_factory=GpuRange)
+    warmup_steps: Annotated[int, Field(ge=0, le=1000)] = 4
+    max_stride: Annotated[int, Field(ge=1, le=16)] = 4
+    min_effective_steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    replan_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.05, description="Re-plan after warmup only when the predicted gain exceeds this fraction."
+    )
+
+
+class Output(Model):
+    """Where images and the manifest go."""
+
+    uri: str = Field(description="s3://bucket/prefix or file:///path")
+    format: Literal["png", "jpeg", "webp"] = "png"
+    credentials_secret: str | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3:// outputs."
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph); AWS when unset.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in OUTPUT_SCHEMES:
+            raise ValueError(f"unsupported output URI {value!r}; allowed schemes: s3://, file://")
+        rest = value.split("://", 1)[1]
+        if scheme == "s3" and not rest.split("/", 1)[0]:
+            raise ValueError("s3:// URI needs a bucket: s3://bucket/prefix")
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError("file:// URI needs an absolute path: file:///path")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("endpoint must be an http:// or https:// URL")
+        return value
+
+
+class Toleration(Model):
+    """A Kubernetes toleration for the worker pods."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(Model):
+    """Extra container resources (quantities as strings, e.g. "8", "32Gi")."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class PodTemplate(Model):
+    """What the worker pods look like."""
+
+    image: str = "ghcr.io/stadi-dev/stadi-worker:latest"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
+
+
+class DiffusionJobSpec(Model):
+    """What to generate, with which model, on how many GPUs, and where to put it."""
+
+    model: ModelSource
+    prompts: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Prompts; one image per prompt (seed + index)."
+    )
+    prompts_from: str | None = Field(None, description="Object URI of a text file with one prompt per line.")
+    negative_prompt: str = ""
+    height: Annotated[int, Field(ge=64, le=8192)] = 1024
+    width: Annotated[int, Field(ge=64, le=8192)] = 1024
+    steps: Annotated[int, Field(ge=1, le=1000)] = 50
+    guidance_scale: Annotated[float, Field(ge=0.0, le=100.0)] = 5.0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    scheduler: Scheduler = "default"
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    output: Output
+    template: PodTemplate = Field(default_factory=PodTemplate)
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must hold at least one prompt")
+            for i, prompt in enumerate(value):
+                if not prompt.strip():
+                    raise ValueError(f"prompt {i} is blank; every prompt needs text")
+        return value
+
+    @field_validator("prompts_from")
+    @classmethod
+    def _prompts_from(cls, value: str | None) -> str | None:
+        if value is not None and value.split("://", 1)[0] not in OUTPUT_SCHEMES:
+            raise ValueError("must be an s3:// or file:// URI")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiffusionJobSpec:
+        if (self.prompts is None) == (self.prompts_from is None):
+            raise ValueError("set exactly one of prompts or promptsFrom")
+        fam = profile(self.model.family)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % fam.pixel_multiple:
+                raise ValueError(
+                    f"{name} {value} is not a multiple of {fam.pixel_multiple} "
+                    f"(the {self.model.family} band granularity: {fam.granularity} latent rows of "
+                    f"{fam.vae_factor} px)"
+                )
+        p = self.parallelism
+        if p.warmup_steps > self.steps:
+            raise ValueError(
+                f"parallelism.warmupSteps ({p.warmup_steps}) must be <= steps ({self.steps})"
+            )
+        if p.min_effective_steps > self.steps:
+            raise ValueError(
+                f"parallelism.minEffectiveSteps ({p.min_effective_steps}) must be <= steps ({self.steps})"
+            )
+        if p.strategy in ("cfg", "stadi+cfg") and not self.uses_cfg:
+            raise ValueError(
+                f"parallelism.strategy {p.strategy!r} splits the guidance branches and needs guidanceScale > 1"
+            )
+        return self
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance runs two branches (batch 2) when the scale is above 1."""
+        return self.guidance_scale > 1.0
+
+
+class Metadata(BaseModel):
+    """The part of ObjectMeta the models care about; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
+            raise ValueError("must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+        return value
+
+
+# --- the plan -------------------------------------------------------------------------------------------
+
+
+class RankPlan(BaseModel):
+    """One rank of a plan: its GPU, speed, band of latent rows [start, end) and stride."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=0)
+    gpu: str
+    node: str | None = None
+    gpu_index: int | None = None
+    speed: float = Field(gt=0)
+    rows: tuple[int, int]
+    stride: int = Field(1, ge=1)
+    branch: Literal["both", "cond", "uncond"] = "both"
+    predicted_step_ms: float = 0.0
+
+    @property
+    def height(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+
+class Plan(BaseModel):
+    """The planner's answer: what every rank does, and what it is predicted to cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["single", "patch", "cfg", "stadi", "stadi+cfg"]
+    family: str
+    latent_height: int
+    latent_width: int
+    granularity: int
+    steps: int
+    guidance: bool
+    ranks: list[RankPlan]
+    sync_period: int = 1
+    warmup_steps: int = 0
+    predicted_seconds: float
+    alternatives: dict[str, float] = Field(default_factory=dict)
+    left_out: list[str] = Field(default_factory=list, description="GPUs whose inclusion raised latency.")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def validate_for(self, world_size: int | None = None) -> None:
+        """Raise ValueError naming the problem when the plan cannot run (bad tiling, granularity, size)."""
+        if world_size is not None and world_size != len(self.ranks):
+            raise ValueError(f"plan has {len(self.ranks)} ranks but the world size is {world_size}")
+        if [r.rank for r in self.ranks] != list(range(len(self.ranks))):
+            raise ValueError("plan ranks must be numbered 0..n-1 in order")
+        for branch in {r.branch for r in self.ranks}:
+            bands = sorted(r.rows for r in self.ranks if r.branch == branch)
+            cursor = 0
+            for start, end in bands:
+                if start != cursor or end <= start:
+                    raise ValueError(
+                        f"bands of branch {branch!r} do not tile [0, {self.latent_height}) exactly once: "
+                        f"{bands}"
+                    )
+                cursor = end
+            if cursor != self.latent_height:
+                raise ValueError(
+                    f"bands of branch {branch!r} end at row {cursor}, not at the latent height "
+                    f"{self.latent_height}"
+                )
+        for r in self.ranks:
+            if r.rows[0] % self.granularity or r.rows[1] % self.granularity:
+                raise ValueError(
+                    f"rank {r.rank} band {list(r.rows)} is not a multiple of the granularity "
+                    f"{self.granularity} latent rows"
+                )
+        if any(self.sync_period % r.stride for r in self.ranks):
+            raise ValueError(f"sync_period {self.sync_period} is not a multiple of every stride")
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Planning", "Scheduling", "Running", "Succeeded", "Failed"]
+
+
+class Condition(Model):
+    """A status condition (Kubernetes conventions)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class Progress(Model):
+    """How far the job has come."""
+
+    step: int = 0
+    steps: int = 0
+    images_done: int = 0
+    images_total: int = 0
+
+
+class RankMeasurement(Model):
+    """Measured step times of one rank."""
+
+    rank: int
+    step_ms: list[float] = Field(default_factory=list)
+    median_ms: float | None = None
+    speed: float | None = None
+
+
+class DiffusionJobStatus(Model):
+    """What the operator and the workers report."""
+
+    phase: Phase = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    plan: Plan | None = None
+    progress: Progress = Field(default_factory=Progress)
+    outputs: list[str] = Field(default_factory=list)
+    measured: list[RankMeasurement] = Field(default_factory=list)
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    attempts: int = 0
+    excluded_nodes: list[str] = Field(default_factory=list)
+
+
+class DiffusionJob(Model):
+    """A batch of images to generate with one diffusion model on a gang of GPUs."""
+
+    api_version: Literal["stadi.dev/v1alpha1"] = API_VERSION
+    kind: Literal["DiffusionJob"] = "DiffusionJob"
+    metadata: Metadata = Field(default_factory=Metadata)
+    spec: DiffusionJobSpec
+    status: DiffusionJobStatus | None = None
+
+
+# --- GPUNode --------------------------------------------------------------------------------------------
+
+
+class GpuTelemetry(Model):
+    """One GPU as NVML sees it."""
+
+    index: int = Field(ge=0)
+    uuid: str
+    product: str
+    memory_total_mib: int = Field(ge=0)
+    memory_used_mib: int = Field(ge=0)
+    utilization: float = Field(ge=0.0, le=1.0, description="Fraction of time a kernel ran (NVML).")
+    sm_clock_mhz: int = Field(0, ge=0)
+    throttle_reasons: list[str] = Field(default_factory=list)
+    process_count: int = Field(0, ge=0)
+    timestamp: datetime | None = None
+
+
+class GpuNodeStatus(Model):
+    """Telemetry of every GPU of a node."""
+
+    gpus: list[GpuTelemetry] = Field(default_factory=list)
+    updated: datetime | None = None
+    nvml: bool = True
+    message: str = ""
+
+
+class GpuNodeSpec(Model):
+    """The node this GPUNode describes."""
+
+    node_name: str
+
+
+class GPUNode(Model):
+    """Cluster-scoped: one per GPU node, written by the node agent."""
+
+    api_version: Literal["stadi.dev/v1alpha1"] = API_VERSION
+    kind: Literal["GPUNode"] = "GPUNode"
+    metadata: Metadata = Field(default_factory=Metadata)
+    spec: GpuNodeSpec
+    status: GpuNodeStatus | None = None
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem: the field path in wire (camelCase) form, then what is allowed."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif item["type"] == "literal_error" and "expected" in item.get("ctx", {}):
+            message = f"must be one of {item['ctx']['expected']}"
+        path = f"{prefix}.{loc}" if prefix and loc else (loc or prefix)
+        lines.append(f"{path}: {message}" if path else message)
+    return lines
+
+
+def load_job(data: dict[str, Any]) -> DiffusionJob:
+    """Parse a DiffusionJob document; ValueError lists every bad field by its path."""
+    try:
+        return DiffusionJob.model_validate(data)
+    except ValidationError as error:
+        raise ValueError("invalid DiffusionJob: " + "; ".join(describe_errors(error))) from None

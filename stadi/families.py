@@ -1,0 +1,55 @@
+"""Per model family facts the planner and the API need: latent geometry and the affine cost constants.
+
+Cost constants are for one denoiser step on an H100 SXM (relative speed 1.0) replayed as a CUDA graph,
+fp16: ``c(h) = alpha_ms + beta_ms * batch * h * (latent_width / 128)``. Measured runs refine them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["sdxl", "sd3", "sd15", "pixart", "flux"]
+FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart", "flux")
+
+
+@dataclass(frozen=True)
+class FamilyProfile:
+    """What the planner knows about one model family."""
+
+    family: str
+    granularity: int  # latent rows a band must be a multiple of (2^downsamplings, or the DiT patch size)
+    vae_factor: int  # pixels per latent row
+    alpha_ms: float  # fixed cost of a step (launches, norms, text paths): small bands are not free
+    beta_ms: float  # cost per latent row per batch item at latent width 128
+    act_bytes_per_row: float  # activation bytes exchanged per latent row per batch item (fp16, width 128)
+    default_scheduler: str
+    source: str  # where the constants come from
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Height and width in pixels must be a multiple of this."""
+        return self.granularity * self.vae_factor
+
+
+PROFILES: dict[str, FamilyProfile] = {
+    # Measured on an H100 as CUDA graphs, b=2 at 1024^2: 42.7 ms @128 rows, 34.0 @96, 25.2 @64, 17.2 @32,
+    # and 27.4 ms @128 rows with b=1  ->  alpha ~ 9 ms, beta ~ 0.13 ms/row/item (DESIGN section 3).
+    # Attention inputs at 64^2 (10 layers x 640 ch) and 32^2 (60 layers x 1280 ch): ~1.6 MB per row.
+    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, "euler", "measured: H100 CUDA graph, 1024^2"),
+    # SD3-medium as CUDA graphs on an H100, b=2: 53.6 / 25.7 / 15.0 ms at 128 / 64 / 32 rows;
+    # least-squares affine fit. 24 joint blocks x 1536 ch of image tokens (64 per latent row pair).
+    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, "flow-euler", "measured: H100 CUDA graph, 1024^2"),
+    # Estimates scaled from the SDXL measurement by parameter count; refined by measured runs.
+    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, "ddim", "estimate from SDXL by parameter count"),
+    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, "dpmpp-2m", "estimate from SD3 by parameter count"),
+    "flux": FamilyProfile("flux", 2, 8, 5.0, 0.9, 3.0e6, "flow-euler", "estimate from SD3 by parameter count"),
+}
+
+
+def profile(family: str) -> FamilyProfile:
+    """The profile of a family; KeyError names the families we know."""
+    try:
+        return PROFILES[family]
+    except KeyError:
+        raise KeyError(f"unknown model family {family!r}; allowed: {', '.join(FAMILIES)}") from None

@@ -1,0 +1,121 @@
+"""The STADI planner: pure and deterministic. A pool of GPUs and a job in, a Plan out (DESIGN section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stadi import gpus
+from stadi.api import DiffusionJobSpec, Plan
+from stadi.families import profile
+from stadi.planner.cost import CostModel
+from stadi.planner.search import Limits, search, to_plan
+from stadi.planner.strategies import Problem, Slot
+
+# Link bandwidths in GB/s as the planner assumes them: NVLink between SXM parts of one node, PCIe between
+# other GPUs of one node, and a 100 Gb/s network between nodes.
+LINKS: dict[str, float] = {"nvlink": 150.0, "pcie": 20.0, "network": 12.5}
+
+__all__ = ["LINKS", "Device", "Plan", "PlanRequest", "default_link", "plan", "plan_job"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """One GPU offered to the planner. `speed` (measured, relative to an H100 SXM) overrides the catalogue
+    speed times (1 - load)."""
+
+    product: str
+    load: float = 0.0
+    node: str | None = None
+    index: int | None = None
+    speed: float | None = None
+
+    def effective_speed(self) -> float:
+        if self.speed is not None:
+            return self.speed
+        return gpus.resolve(self.product).speed * (1.0 - min(max(self.load, 0.0), 1.0))
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The job as the planner sees it."""
+
+    family: str
+    height: int  # pixels
+    width: int
+    steps: int = 50
+    guidance: bool = True
+    strategy: str = "auto"
+    warmup_steps: int = 4
+    max_stride: int = 4
+    min_effective_steps: int = 20
+    gpus_min: int = 1
+    gpus_max: int = 8
+    link_gbytes_per_s: float | None = None
+
+    @classmethod
+    def from_spec(cls, spec: DiffusionJobSpec, link_gbytes_per_s: float | None = None) -> PlanRequest:
+        p = spec.parallelism
+        return cls(
+            family=spec.model.family,
+            height=spec.height,
+            width=spec.width,
+            steps=spec.steps,
+            guidance=spec.uses_cfg,
+            strategy=p.strategy,
+            warmup_steps=p.warmup_steps,
+            max_stride=p.max_stride,
+            min_effective_steps=p.min_effective_steps,
+            gpus_min=p.gpus.min,
+            gpus_max=p.gpus.max,
+            link_gbytes_per_s=link_gbytes_per_s,
+        )
+
+
+def default_link(pool: Sequence[Device]) -> float:
+    """The slowest link the pool is likely to have, from where its GPUs are and what they are."""
+    if len({d.node for d in pool}) > 1:
+        return LINKS["network"]
+    keys = [gpus.resolve(d.product).spec.key for d in pool]
+    if all("SXM" in k or k.startswith("H200") for k in keys):
+        return LINKS["nvlink"]
+    return LINKS["pcie"]
+
+
+def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
+    """The plan with the minimum predicted latency (or the best plan of the requested strategy).
+
+    Raises ValueError naming the problem when no plan fits (no usable GPU, too few GPUs, strategy needs
+    guidance, size not a multiple of the granularity).
+    """
+    fam = profile(request.family)
+    for name, value in (("height", request.height), ("width", request.width)):
+        if value % fam.pixel_multiple:
+            raise ValueError(f"{name} {value} is not a multiple of {fam.pixel_multiple} for {request.family}")
+    if request.steps < 1:
+        raise ValueError("steps must be >= 1")
+    slots = sorted(
+        (
+            Slot(d.product, d.effective_speed(), d.node, d.index)
+            for d in pool
+        ),
+        key=lambda s: (-s.speed, s.label, s.node or "", s.index if s.index is not None else -1),
+    )
+    slots = [s for s in slots if s.speed > 0]
+    if not slots:
+        raise ValueError("no usable GPU: the pool is empty or every GPU is fully loaded")
+    if len(slots) < request.gpus_min:
+        raise ValueError(
+            f"parallelism.gpus.min is {request.gpus_min} but the pool has {len(slots)} usable GPU(s)"
+        )
+    link = request.link_gbytes_per_s or default_link(pool)
+    cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link)
+    pb = Problem(cost, request.steps, request.warmup_steps, request.guidance, request.max_stride,
+                 request.min_effective_steps)
+    chosen, best = search(pb, slots, Limits(request.strategy, request.gpus_min, request.gpus_max))
+    return to_plan(pb, chosen, best, slots)
+
+
+def plan_job(spec: DiffusionJobSpec, pool: Sequence[Device], link_gbytes_per_s: float | None = None) -> Plan:
+    """Plan a DiffusionJob's spec on a pool of devices."""
+    return plan(PlanRequest.from_spec(spec, link_gbytes_per_s), pool)

@@ -1,0 +1,112 @@
+"""Which GPUs to use and which strategy: the minimum predicted latency over subsets of the pool."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from stadi.api import Plan, RankPlan
+from stadi.planner.strategies import STRATEGIES, Candidate, Problem, Slot
+
+# Up to this many distinct sub-multisets of the pool are searched exhaustively, so that adding a GPU can
+# never raise the predicted latency; larger pools are searched by prefixes of the speed order.
+EXHAUSTIVE_SUBSETS = 512
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the job allows: strategy and GPU count."""
+
+    strategy: str = "auto"
+    gpus_min: int = 1
+    gpus_max: int = 8
+
+
+def subsets(slots: Sequence[Slot], low: int, high: int) -> Iterator[tuple[Slot, ...]]:
+    """Candidate GPU sets, each ordered fastest first.
+
+    GPUs of equal speed are interchangeable, so a set is a count per speed class. When the classes allow
+    few such sets, all are tried; otherwise the k fastest for every k.
+    """
+    classes: dict[float, list[Slot]] = {}
+    for s in slots:
+        classes.setdefault(s.speed, []).append(s)
+    groups = list(classes.values())  # slots arrive fastest first, so groups are too
+    if math.prod(len(g) + 1 for g in groups) <= EXHAUSTIVE_SUBSETS:
+        for counts in itertools.product(*(range(len(g) + 1) for g in groups)):
+            if low <= sum(counts) <= high:
+                yield tuple(s for g, c in zip(groups, counts, strict=True) for s in g[:c])
+    else:
+        for k in range(max(low, 1), min(high, len(slots)) + 1):
+            yield tuple(slots[:k])
+
+
+def search(pb: Problem, slots: Sequence[Slot], limits: Limits) -> tuple[Candidate, dict[str, Candidate]]:
+    """The chosen candidate and the best candidate of every strategy that applies."""
+    best: dict[str, Candidate] = {}
+    high = min(limits.gpus_max, len(slots))
+    for subset in subsets(slots, limits.gpus_min, high):
+        for name, strategy in STRATEGIES.items():
+            cand = strategy(pb, subset)
+            if cand is not None and (name not in best or cand.order() < best[name].order()):
+                best[name] = cand
+    if limits.strategy == "auto":
+        if not best:
+            raise ValueError("no strategy fits this pool and job")
+        chosen = min(best.values(), key=Candidate.order)
+    elif limits.strategy in best:
+        chosen = best[limits.strategy]
+    else:
+        raise ValueError(_why_not(limits.strategy, pb, len(slots), limits))
+    return chosen, best
+
+
+def _why_not(strategy: str, pb: Problem, usable: int, limits: Limits) -> str:
+    if strategy in ("cfg", "stadi+cfg") and not pb.guidance:
+        return f"strategy {strategy!r} splits the guidance branches and needs guidanceScale > 1"
+    if strategy == "single" and limits.gpus_min > 1:
+        return f"strategy 'single' uses one GPU but parallelism.gpus.min is {limits.gpus_min}"
+    if strategy == "cfg":
+        return f"strategy 'cfg' needs exactly 2 GPUs within parallelism.gpus; the pool allows {usable}"
+    return f"strategy {strategy!r} needs at least 2 GPUs within parallelism.gpus; the pool has {usable} usable"
+
+
+def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: Sequence[Slot]) -> Plan:
+    """The pydantic Plan of a candidate, with every strategy's prediction and the GPUs left out."""
+    used = {id(a.slot) for a in chosen.ranks}
+    return Plan(
+        strategy=chosen.strategy,  # type: ignore[arg-type]
+        family=pb.cost.profile.family,
+        latent_height=pb.cost.latent_height,
+        latent_width=pb.cost.latent_width,
+        granularity=pb.cost.profile.granularity,
+        steps=pb.steps,
+        guidance=pb.guidance,
+        ranks=[
+            RankPlan(
+                rank=i,
+                gpu=a.slot.label,
+                node=a.slot.node,
+                gpu_index=a.slot.index,
+                speed=round(a.slot.speed, 6),
+                rows=a.rows,
+                stride=a.stride,
+                branch=a.branch,  # type: ignore[arg-type]
+                predicted_step_ms=round(a.step_ms, 3),
+            )
+            for i, a in enumerate(chosen.ranks)
+        ],
+        sync_period=chosen.sync_period,
+        warmup_steps=min(pb.warmup, pb.steps) if len(chosen.ranks) > 1 else 0,
+        predicted_seconds=round(chosen.seconds, 6),
+        alternatives={name: round(c.seconds, 6) for name, c in best.items()},
+        left_out=[_describe(s) for s in slots if id(s) not in used],
+    )
+
+
+def _describe(slot: Slot) -> str:
+    where = f"{slot.node}/" if slot.node else ""
+    index = f"#{slot.index}" if slot.index is not None else ""
+    return f"{where}{slot.label}{index}"

@@ -1,0 +1,1 @@
+"""Data plane: distributed step-patch parallel diffusion on torch.distributed ranks."""
