@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stadi.api import Plan, RankPlan
-from stadi.planner.strategies import STRATEGIES, Candidate, Problem, Slot
+from stadi.planner.strategies import STRATEGIES, Assignment, Candidate, Problem, Slot
 
 # Up to this many distinct sub-multisets of the pool are searched exhaustively, so that adding a GPU can
 # never raise the predicted latency; larger pools are searched by prefixes of the speed order.
@@ -73,6 +73,29 @@ def _why_not(strategy: str, pb: Problem, usable: int, limits: Limits) -> str:
     return f"strategy {strategy!r} needs at least 2 GPUs within parallelism.gpus; the pool has {usable} usable"
 
 
+def launch_order(ranks: Sequence[Assignment]) -> list[Assignment]:
+    """Ranks renumbered for launch: the GPUs of one node get consecutive ranks (torchrun numbers a node's
+    processes together), and within each guidance branch the bands are laid out in rank order.
+
+    A band's cost depends on its height only, so moving it keeps the prediction; keeping row order equal
+    to rank order within a branch lets the worker find its neighbours without a lookup.
+    """
+    first_seen: dict[str | None, int] = {}
+    for a in ranks:  # fastest first, so the node of the fastest GPU comes first
+        first_seen.setdefault(a.slot.node, len(first_seen))
+    ordered = sorted(
+        ranks, key=lambda a: (first_seen[a.slot.node], a.branch != "cond", a.branch, -a.slot.speed)
+    )
+    cursor: dict[str, int] = {}
+    out = []
+    for a in ordered:
+        start = cursor.get(a.branch, 0)
+        end = start + a.rows[1] - a.rows[0]
+        cursor[a.branch] = end
+        out.append(replace(a, rows=(start, end)))
+    return out
+
+
 def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: Sequence[Slot]) -> Plan:
     """The pydantic Plan of a candidate, with every strategy's prediction and the GPUs left out."""
     used = {id(a.slot) for a in chosen.ranks}
@@ -96,7 +119,7 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
                 branch=a.branch,  # type: ignore[arg-type]
                 predicted_step_ms=round(a.step_ms, 3),
             )
-            for i, a in enumerate(chosen.ranks)
+            for i, a in enumerate(launch_order(chosen.ranks))
         ],
         sync_period=chosen.sync_period,
         warmup_steps=min(pb.warmup, pb.steps) if len(chosen.ranks) > 1 else 0,
