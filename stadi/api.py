@@ -35,6 +35,13 @@ MODEL_SCHEMES = ("s3", "file", "random")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
+# Schema-only patterns (json_schema_extra): the CRD carries them so that the apiserver rejects what the
+# validators below reject, while pydantic keeps the validators' clearer messages. Go RE2 syntax.
+SOURCE_PATTERN = r"^((s3|file)://|random://(tiny|full)$|[A-Za-z0-9][-\w.]*/[-\w.]+$)"
+OUTPUT_URI_PATTERN = r"^(s3://[^/]|file:///)"
+OBJECT_URI_PATTERN = r"^(s3|file)://"
+ENDPOINT_PATTERN = r"^https?://"
+
 
 class Model(BaseModel):
     """Base for every API object: camelCase aliases, unknown fields rejected."""
@@ -59,9 +66,10 @@ class ModelSource(Model):
     )
     source: str = Field(
         description="Weights: s3://bucket/path, file:///dir (a mounted volume), a hub id (org/name) where the "
-        "cluster has network, or random://tiny | random://full (random weights, for tests and benchmarks)."
+        "cluster has network, or random://tiny | random://full (random weights, for tests and benchmarks).",
+        json_schema_extra={"pattern": SOURCE_PATTERN},
     )
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Weights and compute dtype.")
 
     @field_validator("source")
     @classmethod
@@ -82,8 +90,8 @@ class ModelSource(Model):
 class GpuRange(Model):
     """How many GPUs the job may use."""
 
-    min: Annotated[int, Field(ge=1, le=1024)] = 1
-    max: Annotated[int, Field(ge=1, le=1024)] = 8
+    min: Annotated[int, Field(ge=1, le=1024, description="Fewest GPUs the job runs on; must be <= max.")] = 1
+    max: Annotated[int, Field(ge=1, le=1024, description="Most GPUs the planner may use.")] = 8
 
     @model_validator(mode="after")
     def _ordered(self) -> GpuRange:
@@ -97,9 +105,16 @@ class Parallelism(Model):
 
     strategy: Strategy = Field("auto", description="auto picks the lowest predicted latency.")
     gpus: GpuRange = Field(default_factory=GpuRange)
-    warmup_steps: Annotated[int, Field(ge=0, le=1000)] = 4
-    max_stride: Annotated[int, Field(ge=1, le=16)] = 4
-    min_effective_steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    warmup_steps: Annotated[
+        int, Field(ge=0, le=1000, description="Synchronous steps before re-planning; must be <= steps.")
+    ] = 4
+    max_stride: Annotated[
+        int, Field(ge=1, le=16, description="Largest temporal stride a slow GPU may get.")
+    ] = 4
+    min_effective_steps: Annotated[
+        int,
+        Field(ge=1, le=1000, description="Fewest sampler steps any rank may run; must be <= steps."),
+    ] = 20
     replan_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.05, description="Re-plan after warmup only when the predicted gain exceeds this fraction."
     )
@@ -108,12 +123,18 @@ class Parallelism(Model):
 class Output(Model):
     """Where images and the manifest go."""
 
-    uri: str = Field(description="s3://bucket/prefix or file:///path")
+    uri: str = Field(
+        description="s3://bucket/prefix or file:///path", json_schema_extra={"pattern": OUTPUT_URI_PATTERN}
+    )
     format: Literal["png", "jpeg", "webp"] = "png"
     credentials_secret: str | None = Field(
         None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3:// outputs."
     )
-    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph); AWS when unset.")
+    endpoint: str | None = Field(
+        None,
+        description="S3 endpoint URL, http:// or https:// (MinIO, Ceph); AWS when unset.",
+        json_schema_extra={"pattern": ENDPOINT_PATTERN},
+    )
 
     @field_validator("uri")
     @classmethod
@@ -167,17 +188,31 @@ class DiffusionJobSpec(Model):
     """What to generate, with which model, on how many GPUs, and where to put it."""
 
     model: ModelSource
-    prompts: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="Prompts; one image per prompt (seed + index)."
+    # An empty list or a blank prompt is refused by the validator below; minItems and the pattern let
+    # the apiserver refuse them too.
+    prompts: list[Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"})]] | None = Field(
+        None,
+        description="Prompts; one image per prompt (seed + index). Exactly one of prompts and promptsFrom.",
+        json_schema_extra={"minItems": 1},
     )
-    prompts_from: str | None = Field(None, description="Object URI of a text file with one prompt per line.")
+    prompts_from: str | None = Field(
+        None,
+        description="Object URI (s3:// or file://) of a text file with one prompt per line.",
+        json_schema_extra={"pattern": OBJECT_URI_PATTERN},
+    )
     negative_prompt: str = ""
-    height: Annotated[int, Field(ge=64, le=8192)] = 1024
-    width: Annotated[int, Field(ge=64, le=8192)] = 1024
-    steps: Annotated[int, Field(ge=1, le=1000)] = 50
-    guidance_scale: Annotated[float, Field(ge=0.0, le=100.0)] = 5.0
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
-    scheduler: Scheduler = "default"
+    height: Annotated[
+        int, Field(ge=64, le=8192, description="Image height in pixels; a multiple of the family's granularity.")
+    ] = 1024
+    width: Annotated[
+        int, Field(ge=64, le=8192, description="Image width in pixels; a multiple of the family's granularity.")
+    ] = 1024
+    steps: Annotated[int, Field(ge=1, le=1000, description="Denoising steps.")] = 50
+    guidance_scale: Annotated[
+        float, Field(ge=0.0, le=100.0, description="Classifier-free guidance scale; above 1 runs two branches.")
+    ] = 5.0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="Seed of image 0; image i uses seed + i.")] = 0
+    scheduler: Scheduler = Field("default", description="Sampler; default is the family's usual one.")
     parallelism: Parallelism = Field(default_factory=Parallelism)
     output: Output
     template: PodTemplate = Field(default_factory=PodTemplate)
@@ -378,6 +413,8 @@ class DiffusionJobStatus(Model):
     completion_time: datetime | None = None
     attempts: int = 0
     excluded_nodes: list[str] = Field(default_factory=list)
+    gpus: int | None = Field(None, ge=0, description="GPUs (ranks) in the current plan; a printer column.")
+    progress_text: str = Field("", description='Progress for people, e.g. "3/10 images"; a printer column.')
 
 
 class DiffusionJob(Model):

@@ -88,12 +88,25 @@ def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
     Raises ValueError naming the problem when no plan fits (no usable GPU, too few GPUs, strategy needs
     guidance, size not a multiple of the granularity).
     """
-    fam = profile(request.family)
+    try:
+        fam = profile(request.family)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
     for name, value in (("height", request.height), ("width", request.width)):
-        if value % fam.pixel_multiple:
-            raise ValueError(f"{name} {value} is not a multiple of {fam.pixel_multiple} for {request.family}")
-    if request.steps < 1:
-        raise ValueError("steps must be >= 1")
+        if value <= 0 or value % fam.pixel_multiple:
+            raise ValueError(
+                f"{name} {value} is not a positive multiple of {fam.pixel_multiple} for {request.family}"
+            )
+    for name, value, low in (
+        ("steps", request.steps, 1),
+        ("warmup steps", request.warmup_steps, 0),
+        ("max stride", request.max_stride, 1),
+        ("min effective steps", request.min_effective_steps, 1),
+        ("gpus min", request.gpus_min, 1),
+        ("gpus max", request.gpus_max, request.gpus_min),
+    ):
+        if value < low:
+            raise ValueError(f"{name} is {value}; it must be >= {low}")
     slots = sorted(
         (
             Slot(d.product, d.effective_speed(), d.node, d.index)
