@@ -34,6 +34,7 @@ OUTPUT_SCHEMES = ("s3", "file")
 MODEL_SCHEMES = ("s3", "file", "random")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+JOB_NAME_MAX = 52
 
 # Schema-only patterns (json_schema_extra): the CRD carries them so that the apiserver rejects what the
 # validators below reject, while pydantic keeps the validators' clearer messages. Go RE2 syntax.
@@ -283,8 +284,22 @@ class Metadata(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) > 63 or not _DNS_LABEL.match(value)):
-            raise ValueError("must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+        if value is not None and (len(value) > 253 or not all(_DNS_LABEL.match(p) for p in value.split("."))):
+            raise ValueError("must be a DNS subdomain: lowercase letters, digits, '-' and '.', at most 253 characters")
+        return value
+
+
+class JobMetadata(Metadata):
+    """A DiffusionJob's name prefixes its pods' host names (`<job>-a<attempt>-<i>`, a 63-character DNS
+    label) and names its headless Service, so it must be a DNS label of at most 52 characters."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > JOB_NAME_MAX or not _DNS_LABEL.match(value)):
+            raise ValueError(
+                f"must be a DNS label: lowercase letters, digits and '-', at most {JOB_NAME_MAX} characters"
+            )
         return value
 
 
@@ -422,7 +437,7 @@ class DiffusionJob(Model):
 
     api_version: Literal["stadi.dev/v1alpha1"] = API_VERSION
     kind: Literal["DiffusionJob"] = "DiffusionJob"
-    metadata: Metadata = Field(default_factory=Metadata)
+    metadata: JobMetadata = Field(default_factory=JobMetadata)
     spec: DiffusionJobSpec
     status: DiffusionJobStatus | None = None
 

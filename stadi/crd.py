@@ -128,13 +128,14 @@ def _root_rules(model: type[BaseModel]) -> list[dict[str, str]]:
     """Rules on the whole object: the model restricts metadata.name further than the apiserver does."""
     if model is not api.DiffusionJob:
         return []
-    # The apiserver alone allows any DNS subdomain (dots, 253 characters); the model wants a DNS label.
+    # The apiserver alone allows any DNS subdomain (dots, 253 characters); the job's name must also fit
+    # in its pods' host names.
     return [
         {
-            "rule": "!has(self.metadata.name) || (size(self.metadata.name) <= 63 && "
+            "rule": f"!has(self.metadata.name) || (size(self.metadata.name) <= {api.JOB_NAME_MAX} && "
             f"self.metadata.name.matches('{api._DNS_LABEL.pattern}'))",
-            "message": "metadata.name must be a DNS label: lowercase letters, digits and '-', at most 63 "
-            "characters",
+            "message": "metadata.name must be a DNS label: lowercase letters, digits and '-', at most "
+            f"{api.JOB_NAME_MAX} characters",
         }
     ]
 

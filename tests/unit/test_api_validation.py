@@ -129,8 +129,8 @@ BAD: list[Bad] = [
     Bad("snake-case-unknown", patched(spec__parallelism={"warmup_step": 2}),
         "spec.parallelism.warmup_step: unknown field"),
     Bad("metadata-name-uppercase", patched(metadata__name="Bad_Name"),
-        "metadata.name: must be a DNS label: lowercase letters, digits and '-', at most 63 characters"),
-    Bad("metadata-name-too-long", patched(metadata__name="a" * 64), "metadata.name: must be a DNS label"),
+        "metadata.name: must be a DNS label: lowercase letters, digits and '-', at most 52 characters"),
+    Bad("metadata-name-too-long", patched(metadata__name="a" * 53), "metadata.name: must be a DNS label"),
     Bad("kind-wrong", patched(kind="Job"), "kind: must be one of 'DiffusionJob'"),
     Bad("api-version-wrong", patched(apiVersion="stadi.dev/v1"), "apiVersion: must be one of 'stadi.dev/v1alpha1'"),
     Bad("backoff-negative", patched(spec__backoffLimit=-1),
@@ -214,3 +214,15 @@ def test_dump_leaves_unset_optionals_out() -> None:
     assert "promptsFrom" not in wire["spec"]
     assert "status" not in wire
     assert wire["spec"]["parallelism"]["strategy"] == "auto"
+
+
+def test_gpunode_takes_a_node_name_with_dots() -> None:
+    """Node names are DNS subdomains (ip-10-0-0-1.ec2.internal); a job name must stay a short DNS label."""
+    from stadi.api import GPUNode
+
+    node = GPUNode.model_validate(
+        {"metadata": {"name": "ip-10-0-0-1.ec2.internal"}, "spec": {"nodeName": "ip-10-0-0-1.ec2.internal"}}
+    )
+    assert node.metadata.name == "ip-10-0-0-1.ec2.internal"
+    with pytest.raises(ValueError, match="DNS subdomain"):
+        GPUNode.model_validate({"metadata": {"name": "Bad_Name"}, "spec": {"nodeName": "x"}})
