@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -47,35 +48,47 @@ def _load(text: str, where: str) -> float:
         value = float(text)
     except ValueError:
         raise UsageError(f"{where}: load {text!r} is not a number; expected 0 <= load < 1") from None
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= value < 1.0:  # also rejects nan
         raise UsageError(f"{where}: load {value} is out of range; expected 0 <= load < 1")
     return value
 
 
 def read_gpus_file(path: Path) -> list[Device]:
-    """A YAML/JSON list of {product, load, node, index, speed}."""
+    """A YAML/JSON list of {product, load, node, index, speed} (or of product strings)."""
     try:
-        items = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"--gpus-file: cannot read {path}: {error}") from None
+        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"--gpus-file: cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--gpus-file: {path} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"--gpus-file: {path} is not valid YAML{where}") from None
     if not isinstance(items, list) or not items:
         raise UsageError(f"--gpus-file: {path} must hold a non-empty list of GPUs")
-    devices = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            item = {"product": item}
-        if not isinstance(item, dict) or not isinstance(item.get("product"), str):
-            raise UsageError(f"--gpus-file: entry {i} needs a 'product' string")
-        unknown = set(item) - {"product", "load", "node", "index", "speed"}
-        if unknown:
-            raise UsageError(f"--gpus-file: entry {i} has unknown keys {sorted(unknown)}; "
-                             "allowed: product, load, node, index, speed")
-        speed = item.get("speed")
-        if speed is not None and (not isinstance(speed, int | float) or speed <= 0):
-            raise UsageError(f"--gpus-file: entry {i} speed must be a number > 0")
-        devices.append(Device(item["product"], _load(str(item.get("load", "")), f"--gpus-file: entry {i}"),
-                              item.get("node"), item.get("index", i), speed))
-    return devices
+    return [_device(i, item) for i, item in enumerate(items)]
+
+
+def _device(i: int, item: object) -> Device:
+    where = f"--gpus-file: entry {i}"
+    if isinstance(item, str):
+        item = {"product": item}
+    if not isinstance(item, dict) or not isinstance(item.get("product"), str):
+        raise UsageError(f"{where} needs a 'product' string")
+    unknown = set(item) - {"product", "load", "node", "index", "speed"}
+    if unknown:
+        raise UsageError(f"{where} has unknown keys {sorted(map(str, unknown))}; "
+                         "allowed: product, load, node, index, speed")
+    node, index, speed = item.get("node"), item.get("index", i), item.get("speed")
+    if node is not None and not isinstance(node, str):
+        raise UsageError(f"{where}: node must be a string")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise UsageError(f"{where}: index must be an integer >= 0")
+    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int | float)
+                              or not math.isfinite(speed) or speed <= 0):
+        raise UsageError(f"{where}: speed must be a number > 0")
+    return Device(item["product"], _load(str(item.get("load", "")), where), node, index, speed)
 
 
 def _link(text: str | None) -> float | None:
@@ -87,7 +100,7 @@ def _link(text: str | None) -> float | None:
         value = float(text)
     except ValueError:
         value = 0.0
-    if value <= 0:
+    if not (math.isfinite(value) and value > 0):
         raise UsageError(f"--link: {text!r} is not {', '.join(LINKS)} or a bandwidth in GB/s > 0")
     return value
 
@@ -109,7 +122,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             family=p.model, height=p.height, width=p.width, steps=p.steps, guidance=p.guidance_scale > 1,
             strategy=p.strategy, warmup_steps=p.warmup_steps, max_stride=p.max_stride,
             min_effective_steps=min(p.min_effective_steps, p.steps), gpus_min=p.gpus_min,
-            gpus_max=p.gpus_max if p.gpus_max is not None else len(pool), link_gbytes_per_s=_link(p.link),
+            gpus_max=p.gpus_max if p.gpus_max is not None else max(len(pool), p.gpus_min),
+            link_gbytes_per_s=_link(p.link),
         )
     try:
         result = plan(request, pool)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stadi import gpus
 from stadi.api import DiffusionJobSpec, Plan
 from stadi.families import profile
-from stadi.planner.cost import CostModel
+from stadi.planner.cost import LINKS, CostModel, default_link
 from stadi.planner.search import Limits, search, to_plan
 from stadi.planner.strategies import Problem, Slot
-
-# Link bandwidths in GB/s as the planner assumes them: NVLink between SXM parts of one node, PCIe between
-# other GPUs of one node, and a 100 Gb/s network between nodes.
-LINKS: dict[str, float] = {"nvlink": 150.0, "pcie": 20.0, "network": 12.5}
 
 __all__ = ["LINKS", "Device", "Plan", "PlanRequest", "default_link", "plan", "plan_job"]
 
@@ -72,16 +69,6 @@ class PlanRequest:
         )
 
 
-def default_link(pool: Sequence[Device]) -> float:
-    """The slowest link the pool is likely to have, from where its GPUs are and what they are."""
-    if len({d.node for d in pool}) > 1:
-        return LINKS["network"]
-    keys = [gpus.resolve(d.product).spec.key for d in pool]
-    if all("SXM" in k or k.startswith("H200") for k in keys):
-        return LINKS["nvlink"]
-    return LINKS["pcie"]
-
-
 def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
     """The plan with the minimum predicted latency (or the best plan of the requested strategy).
 
@@ -114,6 +101,7 @@ def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
         ),
         key=lambda s: (-s.speed, s.label, s.node or "", s.index if s.index is not None else -1),
     )
+    idle = [s for s in slots if s.speed <= 0]
     slots = [s for s in slots if s.speed > 0]
     if not slots:
         raise ValueError("no usable GPU: the pool is empty or every GPU is fully loaded")
@@ -121,12 +109,14 @@ def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
         raise ValueError(
             f"parallelism.gpus.min is {request.gpus_min} but the pool has {len(slots)} usable GPU(s)"
         )
-    link = request.link_gbytes_per_s or default_link(pool)
-    cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link)
+    link = request.link_gbytes_per_s
+    if link is not None and not (math.isfinite(link) and link > 0):
+        raise ValueError(f"link bandwidth {link} GB/s must be a finite number > 0")
+    cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link or 0.0)
     pb = Problem(cost, request.steps, request.warmup_steps, request.guidance, request.max_stride,
-                 request.min_effective_steps)
+                 request.min_effective_steps, fixed_link=link is not None)
     chosen, best = search(pb, slots, Limits(request.strategy, request.gpus_min, request.gpus_max))
-    return to_plan(pb, chosen, best, slots)
+    return to_plan(pb, chosen, best, slots + idle)
 
 
 def plan_job(spec: DiffusionJobSpec, pool: Sequence[Device], link_gbytes_per_s: float | None = None) -> Plan:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from stadi import gpus
 from stadi.families import FamilyProfile
+
+# Link bandwidths in GB/s as the planner assumes them: NVLink between SXM parts of one node, PCIe between
+# other GPUs of one node, and a 100 Gb/s network between nodes.
+LINKS: dict[str, float] = {"nvlink": 150.0, "pcie": 20.0, "network": 12.5}
 
 # One collective's fixed latency (launch + NCCL handshake) paid at every synchronisation point.
 COLLECTIVE_MS = 0.05
@@ -46,3 +52,15 @@ class CostModel:
         """Time to swap one noise prediction (4-16 latent channels, fp16) between CFG branches."""
         nbytes = 16 * 2 * self.latent_height * self.latent_width
         return COLLECTIVE_MS + nbytes / (self.link_gbytes_per_s * 1e9) * 1e3
+
+
+def default_link(gpus_at: Iterable[tuple[str, str | None]]) -> float:
+    """The slowest link among GPUs given as (product, node): network across nodes, NVLink when every GPU
+    of the one node is an SXM part, PCIe otherwise."""
+    placed = list(gpus_at)
+    if len({node for _, node in placed}) > 1:
+        return LINKS["network"]
+    keys = [gpus.resolve(product).spec.key for product, _ in placed]
+    if all("SXM" in k or k.startswith("H200") for k in keys):
+        return LINKS["nvlink"]
+    return LINKS["pcie"]

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 
 
-def elastic_units(costs: Sequence[Callable[[int], float]], total: int) -> list[int]:
+def elastic_units(multipliers: Sequence[float], fixed: float, per_unit: float, total: int) -> list[int]:
     """Give `total` granules to ranks so that the largest per-window time is as small as possible.
 
-    `costs[r](u)` is rank r's time with u granules, non-decreasing in u; ranks are ordered fastest first.
-    Granules go one at a time to the rank whose time after taking it is smallest (ties: the faster rank).
-    For non-decreasing costs this greedy order is optimal for the maximum, and it is exact, where rounding
-    a continuous split (largest remainder) can leave one granule on the wrong rank. A rank that ends with
-    no granule is left out by the caller.
+    Rank r's time with u > 0 granules is `multipliers[r] * (fixed + per_unit * u)` (the affine cost model
+    times the steps it runs per window over its speed); ranks are ordered fastest first. The result is what
+    handing out granules one at a time to the rank that would finish soonest gives (ties: the faster rank),
+    which is exactly optimal for the maximum, unlike rounding a continuous split by largest remainder. To be
+    fast it starts from the floor of the continuous optimum, which that greedy order always reaches, and
+    hands out only the remaining few granules one at a time. A rank may end with none: the caller drops it.
     """
-    units = [0] * len(costs)
-    heap = [(cost(1), r) for r, cost in enumerate(costs)]
+    n = len(multipliers)
+    # Equal finishing time tau over the k cheapest ranks: u_r = (tau / m_r - fixed) / per_unit summing to
+    # `total`. The ranks that take part are a prefix by multiplier (water filling): the longest prefix whose
+    # last rank still gets a non-negative share.
+    order = sorted(range(n), key=lambda r: multipliers[r])
+    tau, inverse = 0.0, 0.0
+    for k, r in enumerate(order, start=1):
+        inverse += 1.0 / multipliers[r]
+        candidate = (total * per_unit + k * fixed) / inverse
+        if candidate / multipliers[r] < fixed:
+            break
+        tau = candidate
+    shares = [(tau / m - fixed) / per_unit for m in multipliers]
+    units = [math.floor(s + 1e-9) if s > 0 else 0 for s in shares]
+    heap = [(multipliers[r] * (fixed + per_unit * (units[r] + 1)), r) for r in range(n)]
     heapq.heapify(heap)
-    for _ in range(total):
+    for _ in range(total - sum(units)):
         _, r = heapq.heappop(heap)
         units[r] += 1
-        heapq.heappush(heap, (costs[r](units[r] + 1), r))
+        heapq.heappush(heap, (multipliers[r] * (fixed + per_unit * (units[r] + 1)), r))
     return units
 
 

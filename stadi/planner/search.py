@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 from stadi.api import Plan, RankPlan
 from stadi.planner.strategies import STRATEGIES, Assignment, Candidate, Problem, Slot
 
-# Up to this many distinct sub-multisets of the pool are searched exhaustively, so that adding a GPU can
-# never raise the predicted latency; larger pools are searched by prefixes of the speed order.
-EXHAUSTIVE_SUBSETS = 512
+# Up to this many distinct sub-multisets of the pool (7 GPUs of distinct speeds) are searched exhaustively,
+# so that adding a GPU can never raise the predicted latency; larger pools by prefixes of the speed order.
+EXHAUSTIVE_SUBSETS = 128
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,9 @@ def search(pb: Problem, slots: Sequence[Slot], limits: Limits) -> tuple[Candidat
     best: dict[str, Candidate] = {}
     high = min(limits.gpus_max, len(slots))
     for subset in subsets(slots, limits.gpus_min, high):
+        on_subset = pb.on(subset)
         for name, strategy in STRATEGIES.items():
-            cand = strategy(pb, subset)
+            cand = strategy(on_subset, subset)
             if cand is not None and (name not in best or cand.order() < best[name].order()):
                 best[name] = cand
     if limits.strategy == "auto":
@@ -66,10 +67,14 @@ def search(pb: Problem, slots: Sequence[Slot], limits: Limits) -> tuple[Candidat
 def _why_not(strategy: str, pb: Problem, usable: int, limits: Limits) -> str:
     if strategy in ("cfg", "stadi+cfg") and not pb.guidance:
         return f"strategy {strategy!r} splits the guidance branches and needs guidanceScale > 1"
-    if strategy == "single" and limits.gpus_min > 1:
+    if strategy == "single":
         return f"strategy 'single' uses one GPU but parallelism.gpus.min is {limits.gpus_min}"
     if strategy == "cfg":
         return f"strategy 'cfg' needs exactly 2 GPUs within parallelism.gpus; the pool allows {usable}"
+    bands = pb.granules * (2 if strategy == "stadi+cfg" else 1)
+    if limits.gpus_min > bands:
+        return (f"parallelism.gpus.min is {limits.gpus_min} but the image has only {bands} bands of "
+                f"{pb.cost.profile.granularity} latent rows for strategy {strategy!r}")
     return f"strategy {strategy!r} needs at least 2 GPUs within parallelism.gpus; the pool has {usable} usable"
 
 
@@ -98,7 +103,8 @@ def launch_order(ranks: Sequence[Assignment]) -> list[Assignment]:
 
 def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: Sequence[Slot]) -> Plan:
     """The pydantic Plan of a candidate, with every strategy's prediction and the GPUs left out."""
-    used = {id(a.slot) for a in chosen.ranks}
+    ranks = launch_order(chosen.ranks(pb.cost))
+    used = {id(a.slot) for a in ranks}
     return Plan(
         strategy=chosen.strategy,  # type: ignore[arg-type]
         family=pb.cost.profile.family,
@@ -119,10 +125,10 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
                 branch=a.branch,  # type: ignore[arg-type]
                 predicted_step_ms=round(a.step_ms, 3),
             )
-            for i, a in enumerate(launch_order(chosen.ranks))
+            for i, a in enumerate(ranks)
         ],
         sync_period=chosen.sync_period,
-        warmup_steps=min(pb.warmup, pb.steps) if len(chosen.ranks) > 1 else 0,
+        warmup_steps=min(pb.warmup, pb.steps) if len(ranks) > 1 else 0,
         predicted_seconds=round(chosen.seconds, 6),
         alternatives={name: round(c.seconds, 6) for name, c in best.items()},
         left_out=[_describe(s) for s in slots if id(s) not in used],

@@ -1,0 +1,177 @@
+"""Tests of `stadi plan` (issue 2 item 6): the table, the JSON Plan, and one line plus exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stadi.api import Plan, load_job
+from stadi.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SDXL_JOB = ROOT / "manifests" / "examples" / "sdxl.yaml"
+ACCEPTANCE = ["plan", "--gpus", "H100,H100:0.5", "--model", "sdxl", "--height", "1024", "--width", "1024",
+              "--steps", "50"]
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[dict, Plan]:
+    """Run `stadi plan ... --json`; the raw JSON object and the Plan it parses as."""
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out), Plan.model_validate_json(out)
+
+
+def test_table_names_strategy_and_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    """The table names the chosen strategy, one line per rank (GPU, rows, stride) and the strategies compared."""
+    assert main(["plan", "--gpus", "H100,A100-80GB,L4:0.5"]) == 0
+    out = capsys.readouterr().out
+    _, p = run_json(capsys, "plan", "--gpus", "H100,A100-80GB,L4:0.5")
+    assert out.startswith(f"strategy {p.strategy} ")
+    for header in ("rank", "gpu", "speed", "rows", "stride"):
+        assert header in out
+    for r in p.ranks:
+        line = next(line for line in out.splitlines() if line.split()[:2] == [str(r.rank), r.gpu])
+        assert f"[{r.rows[0]}, {r.rows[1]})" in line
+        assert line.split()[-3] == str(r.stride)
+    assert "strategies compared" in out
+    for name in p.alternatives:
+        assert any(line.split()[-2:-1] == [name] for line in out.splitlines()), name
+    assert f"* {p.strategy}" in out
+
+
+def test_json_is_a_plan_with_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    """--json prints a Plan: strategy, ranks (rank, gpu, speed, rows, stride), sync_period, warmup_steps,
+    predicted_seconds, alternatives."""
+    raw, p = run_json(capsys, "plan", "--gpus", "H100,A100-80GB,L4:0.5")
+    for key in ("strategy", "ranks", "sync_period", "warmup_steps", "predicted_seconds", "alternatives"):
+        assert key in raw, key
+    for rank in raw["ranks"]:
+        for key in ("rank", "gpu", "speed", "rows", "stride"):
+            assert key in rank, key
+        assert len(rank["rows"]) == 2
+    p.validate_for()
+    assert p.predicted_seconds == p.alternatives[p.strategy]
+
+
+def test_acceptance_beats_patch(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 2, done when: H100 + H100 at 50% load, SDXL 1024^2, 50 steps predicts below the patch baseline."""
+    _, p = run_json(capsys, *ACCEPTANCE)
+    assert p.predicted_seconds < p.alternatives["patch"]
+
+
+def test_gpus_file_yaml_list(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--gpus-file takes a YAML list of GPUs (bare product strings or mappings)."""
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump([
+        {"product": "H100", "node": "node-a", "index": 0},
+        {"product": "H100", "load": 0.5, "node": "node-a", "index": 1},
+        "L4",
+    ]))
+    _, p = run_json(capsys, "plan", "--gpus-file", str(path))
+    p.validate_for()
+    assert len(p.ranks) + len(p.left_out) == 3
+    assert (p.ranks[0].gpu, p.ranks[0].node, p.ranks[0].gpu_index) == ("H100", "node-a", 0)
+    assert {r.speed for r in p.ranks if r.gpu == "H100"} <= {1.0, 0.5}
+
+
+def test_job_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """--job takes the family, size, steps and parallelism from a DiffusionJob manifest."""
+    if not SDXL_JOB.exists():
+        pytest.skip(f"{SDXL_JOB.relative_to(ROOT)} is not written yet")
+    spec = load_job(yaml.safe_load(SDXL_JOB.read_text())).spec
+    _, p = run_json(capsys, "plan", "--gpus", "H100,H100:0.5,L4", "--job", str(SDXL_JOB))
+    p.validate_for()
+    assert (p.family, p.steps, p.guidance) == (spec.model.family, spec.steps, spec.uses_cfg)
+    assert (p.latent_height * 8, p.latent_width * 8) == (spec.height, spec.width)
+    assert spec.parallelism.gpus.min <= len(p.ranks) <= spec.parallelism.gpus.max
+
+
+# Each bad input with the words its one-line message must contain (so that rewording stays free).
+BAD_INPUT = {
+    "load above 1": (["--gpus", "L4:2"], ("L4:2", "load", "range")),
+    "load not a number": (["--gpus", "L4:x"], ("L4:x", "load", "number")),
+    "load nan": (["--gpus", "L4:nan"], ("L4:nan", "load")),
+    "empty entry": (["--gpus", "H100,,L4"], ("--gpus", "entry 1", "empty")),
+    "unknown strategy": (["--gpus", "H100", "--strategy", "fastest"], ("--strategy", "fastest")),
+    "unknown model": (["--gpus", "H100", "--model", "dalle"], ("--model", "dalle")),
+    "height not a multiple": (["--gpus", "H100", "--height", "1000"], ("height 1000", "multiple of 32")),
+    "width not a multiple": (["--gpus", "H100", "--model", "sd15", "--width", "1000"],
+                             ("width 1000", "multiple of 64")),
+    "height zero": (["--gpus", "H100", "--height", "0"], ("height 0",)),
+    "height negative": (["--gpus", "H100,H100", "--height", "-32"], ("height -32",)),
+    "steps zero": (["--gpus", "H100", "--steps", "0"], ("steps", "0")),
+    "warmup negative": (["--gpus", "H100,H100", "--warmup-steps", "-3"], ("warmup", "-3")),
+    "max stride zero": (["--gpus", "H100,L4", "--max-stride", "0"], ("stride", "0")),
+    "gpus-min above pool": (["--gpus", "H100", "--gpus-min", "3"], ("min", "3", "pool")),
+    "cfg without guidance": (["--gpus", "H100,H100", "--strategy", "cfg", "--guidance-scale", "1"],
+                             ("cfg", "guidance")),
+    "both pools": (["--gpus", "H100", "--gpus-file", "pool.yaml"], ("--gpus", "--gpus-file")),
+    "no pool": ([], ("--gpus", "--gpus-file")),
+    "link bogus": (["--gpus", "H100", "--link", "bogus"], ("--link", "bogus")),
+    "link nan": (["--gpus", "H100,L4", "--link", "nan"], ("--link", "nan")),
+}
+
+GPUS_FILES = {
+    "missing": (None, ("--gpus-file", "pool.yaml")),
+    "yaml syntax error": ("[H100, {product: L4\n", ("--gpus-file", "pool.yaml")),
+    "not utf-8": (b"\xff\xfe\x00garbage", ("--gpus-file", "pool.yaml")),
+    "not a list": ("just text\n", ("--gpus-file", "list")),
+    "empty list": ("[]\n", ("--gpus-file", "list")),
+    "entry without product": ("- load: 0.5\n", ("entry 0", "product")),
+    "unknown keys": ("- product: H100\n  colour: red\n", ("entry 0", "colour")),
+    "bad load": ("- product: H100\n  load: 1.5\n", ("entry 0", "load", "1.5")),
+    "bad speed": ("- product: H100\n  speed: -1\n", ("entry 0", "speed")),
+    "bad index": ("- product: H100\n  index: x\n", ("entry 0", "index")),
+    "bad node": ("- product: H100\n  node: [1]\n", ("entry 0", "node")),
+}
+
+
+def assert_usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], expected: tuple[str, ...]) -> None:
+    """Exit code 2, nothing on stdout, exactly one line on stderr naming the problem."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+    missing = [word for word in expected if word not in err]
+    assert not missing, f"{err.strip()!r} does not mention {missing}"
+
+
+@pytest.mark.parametrize("argv, expected", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                   expected: tuple[str, ...]) -> None:
+    """Bad command-line input: one line naming the problem on stderr, exit code 2."""
+    assert_usage_error(capsys, ["plan", *argv], expected)
+
+
+@pytest.mark.parametrize("content, expected", GPUS_FILES.values(), ids=GPUS_FILES.keys())
+def test_bad_gpus_file_one_line_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                       content: str | bytes | None, expected: tuple[str, ...]) -> None:
+    """A missing, unreadable or malformed --gpus-file: one line naming the problem, exit code 2."""
+    path = tmp_path / "pool.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    assert_usage_error(capsys, ["plan", "--gpus-file", str(path)], expected)
+
+
+def test_console_script_end_to_end(tmp_path: Path) -> None:
+    """The installed `stadi` script: exit 0 with a JSON plan on good input, exit 2 and one line on bad input."""
+    script = Path(sys.executable).with_name("stadi")
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    good = subprocess.run([str(script), *ACCEPTANCE, "--json"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert Plan.model_validate_json(good.stdout).strategy == "stadi"
+    bad = subprocess.run([str(script), "plan", "--gpus", "L4:2"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "out of range" in bad.stderr
