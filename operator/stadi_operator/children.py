@@ -1,0 +1,301 @@
+"""The pod group of a DiffusionJob attempt, as plain manifests: pure functions, no API calls.
+
+Children: ConfigMap ``<job>-plan`` (plan.json, job.json), headless Service ``<job>`` (rank 0's DNS name),
+ServiceAccount/Role/RoleBinding ``<job>-worker`` (the Role allows only get/patch of this job's status, for
+progress), optionally a Volcano PodGroup, and one worker pod per planned node running torchrun with one
+process per planned GPU. Every child carries a controller ownerReference to the job, so deleting the job
+deletes them (outputs in object storage stay).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from stadi.api import API_VERSION, GROUP, DiffusionJobSpec, Plan
+
+APP = "stadi-worker"
+LABEL_APP = "app.kubernetes.io/name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB = "stadi.dev/job"
+LABEL_ATTEMPT = "stadi.dev/attempt"
+LABEL_POD_INDEX = "stadi.dev/pod-index"
+ANNOTATION_ATTEMPT = "stadi.dev/attempt"
+ANNOTATION_NODE = "stadi.dev/planned-node"
+VOLCANO_GROUP = "scheduling.volcano.sh/group-name"
+CONFIG_DIR = "/etc/stadi"
+CACHE_DIR = "/var/cache/stadi"
+MANAGER = "stadi-operator"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DiffusionJob the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        """A controller ownerReference: the garbage collector deletes the child with the job."""
+        return {
+            "apiVersion": API_VERSION, "kind": "DiffusionJob", "name": self.name, "uid": self.uid,
+            "controller": True, "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Operator-wide choices that shape the worker pods."""
+
+    image: str | None = None  # used when the job leaves spec.template.image at its default
+    port: int = 29500
+    volcano: bool = False
+    run_as_user: int = 1000
+    progress_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class PodSlot:
+    """One worker pod: which node, which ranks (consecutive; the planner numbers them for launch)."""
+
+    index: int
+    node: str
+    ranks: tuple[int, ...]
+
+    @property
+    def gpus(self) -> int:
+        return len(self.ranks)
+
+
+def pod_slots(plan: Plan) -> list[PodSlot]:
+    """Group the plan's ranks by node, pods ordered by their first rank: pod 0 holds rank 0.
+
+    torchrun numbers global ranks by node rank, then local rank, so this is only valid when each node's ranks
+    are consecutive; the planner guarantees it and a violation is a bug worth failing loudly on.
+    """
+    slots: list[PodSlot] = []
+    for r in sorted(plan.ranks, key=lambda r: r.rank):
+        if r.node is None:
+            raise ValueError(f"rank {r.rank} has no node; plans for a cluster need node names")
+        if slots and slots[-1].node == r.node:
+            last = slots[-1]
+            slots[-1] = PodSlot(last.index, last.node, (*last.ranks, r.rank))
+        else:
+            if any(s.node == r.node for s in slots):
+                raise ValueError(f"the ranks of node {r.node} are not consecutive in the plan")
+            slots.append(PodSlot(len(slots), r.node, (r.rank,)))
+    return slots
+
+
+def labels(owner: Owner) -> dict[str, str]:
+    return {LABEL_APP: APP, LABEL_MANAGED_BY: MANAGER, LABEL_JOB: owner.name}
+
+
+def _meta(owner: Owner, name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name, "namespace": owner.namespace, "labels": labels(owner),
+        "ownerReferences": [owner.reference()], **extra,
+    }
+
+
+def pod_name(job: str, attempt: int, index: int) -> str:
+    return f"{job}-a{attempt}-{index}"
+
+
+def worker_name(job: str) -> str:
+    return f"{job}-worker"
+
+
+def plan_name(job: str) -> str:
+    return f"{job}-plan"
+
+
+def pod_group_name(job: str, attempt: int) -> str:
+    return f"{job}-a{attempt}"
+
+
+def rank0_address(job: str, namespace: str, attempt: int) -> str:
+    """Rank 0's DNS name: pod hostname + subdomain under the headless Service ``<job>``."""
+    return f"{pod_name(job, attempt, 0)}.{job}.{namespace}.svc"
+
+
+def job_document(owner: Owner, spec: DiffusionJobSpec) -> dict[str, Any]:
+    """The DiffusionJob as the worker reads it (job.json)."""
+    return {
+        "apiVersion": API_VERSION, "kind": "DiffusionJob",
+        "metadata": {"name": owner.name, "namespace": owner.namespace},
+        "spec": spec.dump(),
+    }
+
+
+def config_map(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int) -> dict[str, Any]:
+    """``<job>-plan``: the plan of the attempt (annotated with its number, which makes it the record a
+    restarted operator reads back instead of planning again) and the job document."""
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": _meta(owner, plan_name(owner.name), annotations={ANNOTATION_ATTEMPT: str(attempt)}),
+        "data": {
+            "plan.json": plan.model_dump_json(indent=1),
+            "job.json": json.dumps(job_document(owner, spec), indent=1),
+        },
+    }
+
+
+def service(owner: Owner, attempt: int, port: int = 29500) -> dict[str, Any]:
+    """Headless Service ``<job>``: gives each pod of the attempt a DNS name before it is ready (rendezvous
+    happens before any readiness), hence publishNotReadyAddresses."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(owner, owner.name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: owner.name, LABEL_ATTEMPT: str(attempt)},
+            "ports": [{"name": "rendezvous", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
+def service_account(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": _meta(owner, worker_name(owner.name)),
+        "automountServiceAccountToken": True,  # rank 0 patches status.progress with it
+    }
+
+
+def role(owner: Owner) -> dict[str, Any]:
+    """Least privilege: get and patch the status of this one job, nothing else (a merge patch of the status
+    subresource needs no read of the job itself)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _meta(owner, worker_name(owner.name)),
+        "rules": [{
+            "apiGroups": [GROUP], "resources": ["diffusionjobs/status"],
+            "resourceNames": [owner.name], "verbs": ["get", "patch"],
+        }],
+    }
+
+
+def role_binding(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _meta(owner, worker_name(owner.name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": worker_name(owner.name)},
+        "subjects": [{"kind": "ServiceAccount", "name": worker_name(owner.name), "namespace": owner.namespace}],
+    }
+
+
+def pod_group(owner: Owner, attempt: int, members: int) -> dict[str, Any]:
+    """Volcano gang: no pod of the attempt starts until all of them can (minMember = pods)."""
+    return {
+        "apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup",
+        "metadata": _meta(owner, pod_group_name(owner.name, attempt)),
+        "spec": {"minMember": members},
+    }
+
+
+def _env(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot,
+         options: WorkerOptions) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "STADI_JOB_NAME", "value": owner.name},
+        {"name": "STADI_JOB_NAMESPACE", "value": owner.namespace},
+        {"name": "STADI_ATTEMPT", "value": str(attempt)},
+        {"name": "STADI_POD_INDEX", "value": str(slot.index)},
+        {"name": "STADI_OUTPUT", "value": spec.output.uri},
+        {"name": "STADI_CACHE", "value": CACHE_DIR},
+        {"name": "STADI_PROGRESS_INTERVAL", "value": f"{options.progress_interval:g}"},
+    ]
+    if spec.output.endpoint:
+        env.append({"name": "STADI_ENDPOINT", "value": spec.output.endpoint})
+    if spec.output.credentials_secret:
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.output.credentials_secret, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
+    # CUDA_VISIBLE_DEVICES is deliberately absent: the device plugin sets it to the GPUs it allocated.
+    return env
+
+
+def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot, pods: int,
+               options: WorkerOptions) -> dict[str, Any]:
+    """One worker pod: pinned to its planned node, requesting exactly that node's planned GPUs."""
+    template = spec.template
+    name = pod_name(owner.name, attempt, slot.index)
+    image = template.image if "image" in template.model_fields_set or not options.image else options.image
+    gpu = {template.gpu_resource: str(slot.gpus)}
+    command = [
+        "torchrun", f"--nnodes={pods}", f"--nproc-per-node={slot.gpus}", f"--node-rank={slot.index}",
+        f"--master-addr={rank0_address(owner.name, owner.namespace, attempt)}",
+        f"--master-port={options.port}", "--no-python",
+        "stadi", "worker", "--plan", f"{CONFIG_DIR}/plan.json", "--job", f"{CONFIG_DIR}/job.json",
+    ]
+    pod_labels = {**labels(owner), LABEL_ATTEMPT: str(attempt), LABEL_POD_INDEX: str(slot.index)}
+    annotations = {ANNOTATION_NODE: slot.node}
+    spec_extra: dict[str, Any] = {}
+    if options.volcano:
+        annotations[VOLCANO_GROUP] = pod_group_name(owner.name, attempt)
+        spec_extra["schedulerName"] = "volcano"
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": owner.namespace, "labels": pod_labels, "annotations": annotations,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "hostname": name,
+            "subdomain": owner.name,
+            "restartPolicy": "Never",
+            "serviceAccountName": worker_name(owner.name),
+            # Pinning by hostname, not by nodeName: the scheduler still checks resources and taints and reports
+            # Unschedulable, which is what the gang timeout watches for.
+            "nodeSelector": {**template.node_selector, "kubernetes.io/hostname": slot.node},
+            "tolerations": [t.dump() for t in template.tolerations],
+            "securityContext": {
+                "runAsNonRoot": True, "runAsUser": options.run_as_user, "runAsGroup": options.run_as_user,
+                "fsGroup": options.run_as_user, "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": "worker",
+                "image": image,
+                "command": command,
+                "env": _env(owner, spec, attempt, slot, options),
+                "ports": [{"name": "rendezvous", "containerPort": options.port, "protocol": "TCP"}],
+                "resources": {
+                    "requests": {**template.resources.requests, **gpu},
+                    "limits": {**template.resources.limits, **gpu},
+                },
+                "volumeMounts": [
+                    {"name": "stadi", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "cache", "mountPath": CACHE_DIR},
+                    {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL between the processes of one pod
+                ],
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            }],
+            "volumes": [
+                {"name": "stadi", "configMap": {"name": plan_name(owner.name)}},
+                {"name": "cache", "emptyDir": {}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            ],
+            **spec_extra,
+        },
+    }
+
+
+def worker_pods(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int,
+                options: WorkerOptions) -> list[dict[str, Any]]:
+    slots = pod_slots(plan)
+    return [worker_pod(owner, spec, attempt, slot, len(slots), options) for slot in slots]
+
+
+def children(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int,
+             options: WorkerOptions) -> list[dict[str, Any]]:
+    """Everything an attempt needs, in creation order: identity and RBAC, plan, Service, gang, pods."""
+    pods = worker_pods(owner, spec, plan, attempt, options)
+    group = [pod_group(owner, attempt, len(pods))] if options.volcano else []
+    return [
+        service_account(owner), role(owner), role_binding(owner), config_map(owner, spec, plan, attempt),
+        service(owner, attempt, options.port), *group, *pods,
+    ]

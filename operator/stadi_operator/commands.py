@@ -1,0 +1,67 @@
+"""The control plane's subcommands of ``stadi``: ``operator`` (kopf) and, when its module exists, ``agent``.
+
+Loaded by ``stadi.cli`` through the ``stadi.commands`` entry-point group; kopf and the kubernetes client are
+imported only when a command runs, so ``stadi --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+AGENT_MODULE = "stadi_operator.agent"
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    """Run the operator until interrupted: one replica, so standalone (no peering objects needed)."""
+    import kopf
+
+    from stadi_operator.handlers import register
+    from stadi_operator.settings import OperatorSettings
+
+    overrides: dict[str, Any] = {}
+    if args.namespace:
+        overrides["namespaces"] = args.namespace
+    if args.liveness is not None:
+        overrides["liveness_port"] = args.liveness
+    settings = OperatorSettings(**overrides)
+    registry = register(kopf.OperatorRegistry(), settings)
+    namespaces = settings.namespaces
+    kopf.run(
+        registry=registry,
+        memo=kopf.Memo(options=settings),
+        standalone=args.standalone,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None,
+    )
+    return 0
+
+
+def register_agent(subparsers: Any) -> None:
+    """Hook for ``stadi agent``: its module adds its own parser (``add_parser(subparsers)``); until that
+    module exists the command is simply absent."""
+    if importlib.util.find_spec(AGENT_MODULE) is None:
+        return
+    module = importlib.import_module(AGENT_MODULE)
+    module.add_parser(subparsers)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``operator`` (and ``agent`` when available) to the ``stadi`` command."""
+    op = subparsers.add_parser(
+        "operator", help="run the DiffusionJob operator (kopf)",
+        description="Watch DiffusionJobs, plan them on the cluster's free GPUs and run their worker pods. "
+        "Settings come from STADI_OPERATOR_* environment variables; flags override them.",
+    )
+    op.add_argument("--namespace", action="append", metavar="NS",
+                    help="watch this namespace (repeatable); default: STADI_OPERATOR_NAMESPACES or all")
+    op.add_argument("--standalone", action=argparse.BooleanOptionalAction, default=True,
+                    help="no peering with other operator replicas (default: on; one replica needs none)")
+    op.add_argument("--liveness", type=int, metavar="PORT", help="serve /healthz on this port")
+    op.set_defaults(func=run_operator)
+    register_agent(subparsers)

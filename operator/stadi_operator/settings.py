@@ -1,0 +1,74 @@
+"""Operator settings: one pydantic-settings object, read from ``STADI_OPERATOR_*`` environment variables and
+overridden by command-line flags. Handlers read it from kopf's ``memo``; nothing here is global state."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# kopf keeps handler progress and the last-handled spec in annotations with this prefix instead of its
+# default `status.kopf`: the DiffusionJob status schema is generated from the pydantic model and has no
+# room for kopf's bookkeeping (the apiserver would prune it and kopf would re-run handlers forever).
+ANNOTATION_PREFIX = "stadi.dev"
+
+
+class OperatorSettings(BaseSettings):
+    """What the operator needs to know besides the cluster's state."""
+
+    model_config = SettingsConfigDict(env_prefix="STADI_OPERATOR_", extra="ignore")
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Namespaces to watch (comma-separated in the env); empty: all."
+    )
+    worker_image: str | None = Field(
+        None, description="Worker image used when a job does not set spec.template.image explicitly."
+    )
+    rendezvous_port: int = Field(29500, ge=1, le=65535, description="torchrun master port of rank 0.")
+    unschedulable_timeout: float = Field(
+        120.0, gt=0, description="Seconds a gang may stay unschedulable (or unplannable) before a re-plan."
+    )
+    reconcile_interval: float = Field(5.0, gt=0, description="Seconds between checks of a job's pods.")
+    progress_interval: float = Field(
+        5.0, gt=0, description="Seconds between the worker's status.progress patches (passed to the pods)."
+    )
+    telemetry_stale_after: float = Field(
+        60.0, gt=0, description="GPUNode telemetry older than this is ignored (its GPUs count as idle)."
+    )
+    # kopf's hanging-watch pitfall: without these a watch silently stalled by a proxy or load balancer is never
+    # noticed; the server closes each watch after server_timeout and the client gives up shortly after.
+    watch_server_timeout: float = Field(300.0, gt=0)
+    watch_client_timeout: float = Field(330.0, gt=0)
+    watch_connect_timeout: float = Field(10.0, gt=0)
+    request_timeout: float = Field(30.0, gt=0, description="Timeout of one API request (children, events).")
+    retry_backoff: float = Field(10.0, gt=0, description="Seconds before kopf retries a failed handler.")
+    volcano: Literal["auto", "on", "off"] = Field(
+        "auto", description="Create Volcano PodGroups: auto = when podgroups.scheduling.volcano.sh exists."
+    )
+    worker_uid: int = Field(1000, ge=1, description="Non-root user the worker containers run as.")
+    liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port when set.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def configure_kopf(self, settings: Any) -> None:
+        """Apply these settings to ``kopf.OperatorSettings`` (called from the startup handler)."""
+        import kopf
+
+        settings.watching.server_timeout = self.watch_server_timeout
+        settings.watching.client_timeout = self.watch_client_timeout
+        settings.watching.connect_timeout = self.watch_connect_timeout
+        settings.networking.request_timeout = self.request_timeout
+        settings.networking.connect_timeout = self.watch_connect_timeout
+        settings.execution.max_workers = 8  # sync handlers run in threads; a few suffice for one replica
+        settings.queueing.error_delays = (1, 5, 10, 30, 60)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+        )
+        settings.posting.enabled = False  # handlers post their own events, with CamelCase reasons

@@ -1,0 +1,462 @@
+"""The DiffusionJob handlers against kmock, kopf's Kubernetes API emulator.
+
+The handler functions are called the way kopf calls them (keyword arguments, a ``kopf.Patch`` applied to the
+object afterwards), in a thread as kopf runs sync handlers, while kmock serves the API in the test's loop:
+children, pods and events go through real HTTP to the emulator. Time is a fake clock in the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kmock as kmocklib
+import kopf
+import pytest
+from stadi_operator import handlers
+from stadi_operator.handlers import Runtime
+from stadi_operator.inventory import PodUsage, node_info, pod_usage
+from stadi_operator.kube import Kube
+from stadi_operator.settings import OperatorSettings
+
+NS = "team-a"
+JOB = "stadi.dev/v1alpha1/diffusionjobs"
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+pytestmark = pytest.mark.asyncio
+
+RESOURCES = ("v1/pods", "v1/configmaps", "v1/services", "v1/serviceaccounts", "v1/events",
+             "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings", JOB)
+
+
+def gpu_node(name: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": product, "kubernetes.io/hostname": name}},
+        "spec": {},
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+class Cluster:
+    """kmock plus the operator's runtime and kopf-like calls of the handlers."""
+
+    def __init__(self, server: kmocklib.KubernetesEmulator) -> None:
+        self.server = server
+        self.now = T0
+        self.settings = OperatorSettings(unschedulable_timeout=120, telemetry_stale_after=60)
+        self.runtime = Runtime(self.settings, Kube.for_host(str(server.url).rstrip("/"), timeout=10),
+                               clock=lambda: self.now)
+        self.nodes = [gpu_node("gpu-a", 1), gpu_node("gpu-b", 2)]
+        self.foreign_pods: list[dict[str, Any]] = []
+        for resource in RESOURCES:
+            server.resources[resource] = kmocklib.ResourceInfo(namespaced=True)
+
+    # --- objects ---
+
+    def add_job(self, name: str = "cats", **spec: Any) -> None:
+        body = {
+            "apiVersion": "stadi.dev/v1alpha1", "kind": "DiffusionJob",
+            "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1},
+            "spec": {"model": {"family": "sdxl", "source": "random://tiny"}, "prompts": ["a cat", "a dog"],
+                     "output": {"uri": "s3://bucket/cats"}, **spec},
+        }
+        self.server.objects[JOB, NS, name] = body
+
+    def job(self, name: str = "cats") -> dict[str, Any]:
+        return copy.deepcopy(self.server.objects[JOB, NS, name].raw)
+
+    def status(self, name: str = "cats") -> dict[str, Any]:
+        return self.job(name).get("status", {})
+
+    def condition(self, kind: str, name: str = "cats") -> dict[str, Any]:
+        return next(c for c in self.status(name)["conditions"] if c["type"] == kind)
+
+    def phases(self, name: str = "cats") -> list[str]:
+        """Every phase the job's status went through, in order, without repeats."""
+        seen: list[str] = ["Pending"]
+        for version in self.server.objects[JOB, NS, name].history:
+            phase = (version or {}).get("status", {}).get("phase") if version is not None else None
+            if phase and phase != seen[-1]:
+                seen.append(phase)
+        return seen
+
+    def live(self, resource: str) -> dict[str, dict[str, Any]]:
+        return {name: dict(obj.raw) for (res, ns, name), obj in self.server.objects.items()
+                if res == kmocklib.resource(resource) and not obj.deleted}
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        return self.live("v1/pods")
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(e["reason"], e["message"]) for e in self.live("v1/events").values()]
+
+    def reasons(self) -> list[str]:
+        return sorted(reason for reason, _ in self.events())
+
+    def creations(self, resource: str) -> int:
+        return sum(1 for req in self.server
+                   if req.method == "POST" and req.resource == kmocklib.resource(resource))
+
+    def set_pod(self, name: str, phase: str, *, node: str | None = None, **status: Any) -> None:
+        obj = self.server.objects["v1/pods", NS, name]
+        planned = obj["metadata"]["annotations"]["stadi.dev/planned-node"]
+        obj.patch({"spec": {"nodeName": node or planned}, "status": {"phase": phase, **status}})
+
+    # --- handlers ---
+
+    def indexes(self) -> dict[str, Any]:
+        pods: dict[str, list[PodUsage]] = {}
+        for body in [*self.pods().values(), *self.foreign_pods]:
+            found = pod_usage(body)
+            if found:
+                pods.setdefault(found[0], []).append(found[1])
+        return {"stadi_nodes": {n["metadata"]["name"]: [node_info(n)] for n in self.nodes},
+                "stadi_gpu_pods": pods, "stadi_telemetry": {}}
+
+    async def call(self, handler: Callable[..., None], name: str = "cats", *, apply: bool = True) -> kopf.Patch:
+        """Run a handler as kopf would (sync handlers in a thread) and apply its patch to the object."""
+        body = self.job(name)
+        patch = kopf.Patch()
+        await asyncio.to_thread(
+            handler, patch=patch, body=body, spec=body["spec"], status=body.get("status", {}),
+            meta=body["metadata"], name=name, namespace=NS, uid=body["metadata"]["uid"],
+            memo=kopf.Memo(runtime=self.runtime), logger=logging.getLogger("test"), **self.indexes(),
+        )
+        if apply and patch:
+            self.server.objects[JOB, NS, name].patch(copy.deepcopy(dict(patch)))
+        return patch
+
+    async def create(self, name: str = "cats") -> None:
+        """kopf's create cycle: admit, then plan, each patch applied before the next handler."""
+        await self.call(handlers.admit, name)
+        await self.call(handlers.plan, name)
+
+
+@pytest.fixture
+def cluster(kmock: kmocklib.KubernetesEmulator) -> Cluster:
+    return Cluster(kmock)
+
+
+async def test_create_plans_and_creates_the_children_once(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.call(handlers.admit)
+    assert cluster.status()["phase"] == "Planning"
+    await cluster.call(handlers.plan)
+
+    status = cluster.status()
+    assert status["phase"] == "Scheduling"
+    assert status["attempts"] == 1 and status["gpus"] == 3
+    assert {r["node"] for r in status["plan"]["ranks"]} == {"gpu-a", "gpu-b"}
+    assert cluster.condition("Planned")["status"] == "True"
+    assert sorted(cluster.pods()) == ["cats-a1-0", "cats-a1-1"]
+    gpus = {p["spec"]["nodeSelector"]["kubernetes.io/hostname"]:
+            p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for p in cluster.pods().values()}
+    assert gpus == {"gpu-a": "1", "gpu-b": "2"}
+    for resource, name in (("v1/configmaps", "cats-plan"), ("v1/services", "cats"),
+                           ("v1/serviceaccounts", "cats-worker"), ("rbac.authorization.k8s.io/v1/roles", "cats-worker"),
+                           ("rbac.authorization.k8s.io/v1/rolebindings", "cats-worker")):
+        assert list(cluster.live(resource)) == [name]
+    assert cluster.reasons() == ["Planned"]
+
+    # A second run of the create/resume handlers (kopf retrying, or a restarted operator) creates nothing.
+    posts = len([r for r in list(cluster.server) if r.method == "POST"])
+    await cluster.call(handlers.admit)
+    await cluster.call(handlers.plan)
+    assert len([r for r in list(cluster.server) if r.method == "POST"]) == posts
+    assert cluster.creations("v1/pods") == 2
+
+
+async def test_restart_before_the_status_was_written_adopts_instead_of_duplicating(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.call(handlers.admit)
+    # The operator created the children, then died before kopf applied the status patch.
+    await cluster.call(handlers.plan, apply=False)
+    assert cluster.status()["phase"] == "Planning"
+    # Meanwhile the inventory changed (the operator's own pods now hold the GPUs): a fresh plan would differ.
+    cluster.nodes.append(gpu_node("gpu-c", 4))
+    before = {name: cluster.creations(name) for name in RESOURCES}
+    # One child was also left without its owner reference (e.g. created by hand): it is adopted.
+    cm = cluster.server.objects["v1/configmaps", NS, "cats-plan"]
+    del cm["metadata"]["ownerReferences"]
+    cm.patch({"metadata": {"ownerReferences": None}})
+
+    await cluster.call(handlers.plan)  # the restarted operator resumes
+
+    assert {name: cluster.creations(name) for name in RESOURCES} == before
+    status = cluster.status()
+    assert status["phase"] == "Scheduling" and status["attempts"] == 1
+    assert {r["node"] for r in status["plan"]["ranks"]} == {"gpu-a", "gpu-b"}  # the committed plan, not a new one
+    assert cluster.live("v1/configmaps")["cats-plan"]["metadata"]["ownerReferences"][0]["uid"] == "uid-cats"
+    assert cluster.reasons() == ["Planned"]  # no second Planned event for the adopted plan
+
+
+async def test_409_on_create_adopts_the_object_that_won_the_race(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.call(handlers.admit)
+    from stadi_operator import children as ch
+
+    owner = ch.Owner("cats", NS, "uid-cats")
+    sa = ch.service_account(owner)
+    # The lookup says "absent", the create says "exists": what another writer does between the two.
+    key = ("v1/serviceaccounts", NS, "cats-worker")
+    lookups: list[int] = []
+
+    def racing_lookup() -> dict[str, Any]:
+        lookups.append(1)
+        if len(lookups) == 1:
+            cluster.server.objects[key] = sa  # the other writer wins now
+            raise kmocklib.KubernetesObjectNotFoundError()
+        return cluster.server.objects[key].raw
+
+    cluster.server["get", kmocklib.resource("v1/serviceaccounts"), kmocklib.name("cats-worker")] << racing_lookup
+    obj, what = await asyncio.to_thread(handlers.ensure, cluster.runtime.kube, sa, owner)
+    assert what == "exists" and obj["metadata"]["name"] == "cats-worker"
+    assert cluster.creations("v1/serviceaccounts") == 1  # the one that got 409
+    assert len(lookups) == 2
+
+
+async def test_status_goes_pending_planning_scheduling_running_succeeded(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Scheduling"  # pods still pending
+
+    cluster.set_pod("cats-a1-0", "Running")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Scheduling"  # the gang runs only when all its pods do
+    cluster.set_pod("cats-a1-1", "Running")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Running"
+    assert cluster.condition("Scheduled")["status"] == "True"
+
+    cluster.server.objects[JOB, NS, "cats"].patch(
+        {"status": {"progress": {"imagesDone": 1, "imagesTotal": 2}}})  # what rank 0 reports
+    cluster.set_pod("cats-a1-0", "Succeeded")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Running"
+    assert cluster.status()["progressText"] == "1/2 images"
+    cluster.set_pod("cats-a1-1", "Succeeded")
+    cluster.now += timedelta(seconds=30)
+    await cluster.call(handlers.reconcile)
+
+    status = cluster.status()
+    assert cluster.phases() == ["Pending", "Planning", "Scheduling", "Running", "Succeeded"]
+    assert status["outputs"] == ["s3://bucket/cats/manifest.json"]
+    assert status["completionTime"] == "2025-01-01T12:00:30Z"
+    assert status["observedGeneration"] == 1
+    complete = cluster.condition("Complete")
+    assert (complete["status"], complete["reason"], complete["observedGeneration"]) == ("True", "Succeeded", 1)
+    assert cluster.reasons() == ["Planned", "Scheduled", "Succeeded"]
+
+
+async def test_a_failed_pod_replans_without_its_node(cluster: Cluster) -> None:
+    cluster.nodes.append(gpu_node("gpu-c", 2))
+    cluster.add_job()
+    await cluster.create()
+    assert "gpu-b" in {r["node"] for r in cluster.status()["plan"]["ranks"]}
+    failing = next(n for n, p in cluster.pods().items()
+                   if p["spec"]["nodeSelector"]["kubernetes.io/hostname"] == "gpu-b")
+    for name in cluster.pods():
+        cluster.set_pod(name, "Running")
+    await cluster.call(handlers.reconcile)
+    cluster.set_pod(failing, "Failed", containerStatuses=[
+        {"name": "worker", "state": {"terminated": {"reason": "Error", "exitCode": 1, "message": "NCCL timeout"}}}])
+
+    await cluster.call(handlers.reconcile)
+
+    status = cluster.status()
+    assert status["attempts"] == 2 and status["phase"] == "Scheduling"
+    assert status["excludedNodes"] == ["gpu-b"]
+    planned = {r["node"] for r in status["plan"]["ranks"]}
+    assert "gpu-b" not in planned and "gpu-c" in planned
+    live = {n: p for n, p in cluster.pods().items()}
+    attempt2 = {n for n in live if n.startswith("cats-a2-")}
+    assert {live[n]["spec"]["nodeSelector"]["kubernetes.io/hostname"] for n in attempt2} == planned
+    # The attempt's running pods were deleted; the failed one stays for its logs.
+    assert {n for n in live if n.startswith("cats-a1-")} == {failing}
+    assert cluster.live("v1/services")["cats"]["spec"]["selector"]["stadi.dev/attempt"] == "2"
+    cm = cluster.live("v1/configmaps")["cats-plan"]
+    assert cm["metadata"]["annotations"]["stadi.dev/attempt"] == "2" and "gpu-b" not in cm["data"]["plan.json"]
+    failed = [m for r, m in cluster.events() if r == "PodFailed"]
+    assert failed and "gpu-b" in failed[0] and "NCCL timeout" in failed[0]
+    assert cluster.reasons() == ["Planned", "PodFailed", "Replanned", "Scheduled"]
+
+
+async def test_backoff_limit_exhausted_fails_the_job(cluster: Cluster) -> None:
+    cluster.add_job(backoffLimit=0)
+    await cluster.create()
+    cluster.set_pod("cats-a1-0", "Failed", reason="Evicted", message="node was low on memory")
+    cluster.set_pod("cats-a1-1", "Running")
+
+    await cluster.call(handlers.reconcile)
+
+    status = cluster.status()
+    assert status["phase"] == "Failed" and status["attempts"] == 1
+    failed = cluster.condition("Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "backoffLimit 0" in failed["message"] and "Evicted" in failed["message"]
+    assert sorted(cluster.pods()) == ["cats-a1-0"]  # the running pod was stopped
+    # Finished: further ticks change nothing.
+    requests = len(list(cluster.server))
+    await cluster.call(handlers.reconcile)
+    assert len([r for r in list(cluster.server)[requests:] if r.method != "GET"]) == 0
+
+
+async def test_unschedulable_past_the_timeout_replans_with_fewer_gpus(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    unschedulable = {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "lastTransitionTime": "2025-01-01T12:00:00Z",
+                                     "message": "0/2 nodes are available: insufficient nvidia.com/gpu"}]}
+    cluster.server.objects["v1/pods", NS, "cats-a1-1"].patch({"status": {"phase": "Pending", **unschedulable}})
+    cluster.set_pod("cats-a1-0", "Running")
+
+    cluster.now = T0 + timedelta(seconds=60)
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["attempts"] == 1  # within the timeout: wait
+
+    cluster.now = T0 + timedelta(seconds=121)
+    await cluster.call(handlers.reconcile)
+    status = cluster.status()
+    assert status["attempts"] == 2 and status["excludedNodes"] == ["gpu-b"] and status["gpus"] == 1
+    assert sorted(n for n in cluster.pods() if n.startswith("cats-a2")) == ["cats-a2-0"]
+    assert "Unschedulable" in cluster.reasons() and "Replanned" in cluster.reasons()
+
+
+async def test_unschedulable_with_no_other_gpus_fails_with_reason_unschedulable(cluster: Cluster) -> None:
+    cluster.nodes = [gpu_node("gpu-a", 2)]
+    cluster.add_job()
+    await cluster.create()
+    for name in cluster.pods():
+        cluster.server.objects["v1/pods", NS, name].patch({"status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "lastTransitionTime": "2025-01-01T12:00:00Z"}]}})
+    cluster.now = T0 + timedelta(seconds=300)
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Failed"
+    assert cluster.condition("Failed")["reason"] == "Unschedulable"
+
+
+async def test_no_gpus_waits_in_planning_then_fails_unschedulable(cluster: Cluster) -> None:
+    cluster.nodes = []
+    cluster.add_job()
+    await cluster.create()
+    assert cluster.status()["phase"] == "Planning"
+    planned = cluster.condition("Planned")
+    assert (planned["status"], planned["reason"]) == ("False", "NoCapacity")
+    assert cluster.pods() == {}
+
+    cluster.now += timedelta(seconds=30)
+    cluster.nodes = [gpu_node("gpu-a", 1)]  # a GPU appears: the timer plans
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Scheduling" and list(cluster.pods()) == ["cats-a1-0"]
+
+    cluster.add_job("dogs")
+    cluster.nodes = []
+    await cluster.create("dogs")
+    cluster.now += timedelta(seconds=121)
+    await cluster.call(handlers.reconcile, "dogs")
+    assert cluster.status("dogs")["phase"] == "Failed"
+    assert cluster.condition("Failed", "dogs")["reason"] == "Unschedulable"
+
+
+async def test_invalid_spec_fails_once_with_the_validation_message(cluster: Cluster) -> None:
+    cluster.add_job(steps=10, parallelism={"minEffectiveSteps": 20})  # slips past the schema: cross-field
+    await cluster.create()
+
+    status = cluster.status()
+    assert status["phase"] == "Failed"
+    valid = cluster.condition("Valid")
+    assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
+    assert "parallelism.minEffectiveSteps (20) must be <= steps (10)" in valid["message"]
+    assert cluster.reasons() == ["InvalidSpec"]
+    assert cluster.pods() == {}
+    # No retry loop: the handlers returned normally (kopf marks them done), and later runs do nothing.
+    await cluster.call(handlers.admit)
+    await cluster.call(handlers.plan)
+    await cluster.call(handlers.reconcile)
+    assert cluster.reasons() == ["InvalidSpec"]
+    assert [r.method for r in list(cluster.server) if r.method != "GET"] == ["POST"]  # the one event
+
+
+async def test_fixing_the_spec_of_a_failed_job_replans(cluster: Cluster) -> None:
+    cluster.add_job(steps=10, parallelism={"minEffectiveSteps": 20})
+    await cluster.create()
+    job = cluster.server.objects[JOB, NS, "cats"]
+    job.patch({"metadata": {"generation": 2}, "spec": {"parallelism": {"minEffectiveSteps": 5}}})
+    await cluster.call(handlers.respec)
+    status = cluster.status()
+    assert status["phase"] == "Scheduling" and status["observedGeneration"] == 2
+    assert cluster.condition("Valid")["status"] == "True"
+    assert cluster.condition("Failed")["status"] == "False"
+    assert "completionTime" not in status
+
+
+async def test_spec_change_while_running_is_ignored_with_an_event(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    cluster.server.objects[JOB, NS, "cats"].patch({"metadata": {"generation": 2}, "spec": {"steps": 30}})
+    patch = await cluster.call(handlers.respec)
+    assert not patch
+    assert cluster.status()["observedGeneration"] == 1
+    assert "SpecChangeIgnored" in cluster.reasons()
+    assert cluster.creations("v1/pods") == 2
+
+
+async def test_deadline_exceeded_stops_the_pods_and_fails(cluster: Cluster) -> None:
+    cluster.add_job(activeDeadlineSeconds=600)
+    await cluster.create()
+    for name in cluster.pods():
+        cluster.set_pod(name, "Running")
+    cluster.now = T0 + timedelta(seconds=601)
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Failed"
+    assert cluster.condition("Failed")["reason"] == "DeadlineExceeded"
+    assert cluster.pods() == {}
+    assert "DeadlineExceeded" in cluster.reasons()
+
+
+async def test_ttl_after_finished_deletes_the_job(cluster: Cluster) -> None:
+    cluster.add_job(ttlSecondsAfterFinished=60)
+    cluster.server.objects[JOB, NS, "cats"].patch(
+        {"status": {"phase": "Succeeded", "completionTime": "2025-01-01T12:00:00Z"}})
+    cluster.now = T0 + timedelta(seconds=59)
+    await cluster.call(handlers.reconcile)
+    assert cluster.server.objects[JOB, NS, "cats"].deleted is False
+    cluster.now = T0 + timedelta(seconds=60)
+    await cluster.call(handlers.reconcile, apply=False)
+    assert cluster.server.objects[JOB, NS, "cats"].deleted is True
+
+
+async def test_a_missing_pod_counts_as_a_failure_of_its_node(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    del cluster.server.objects["v1/pods", NS, "cats-a1-0"]  # evicted and deleted by someone
+    await cluster.call(handlers.reconcile)
+    status = cluster.status()
+    assert status["excludedNodes"] == ["gpu-a"] and status["attempts"] == 2
+    assert any("is gone" in m for r, m in cluster.events() if r == "PodFailed")
+
+
+async def test_other_pods_gpus_are_not_planned(cluster: Cluster) -> None:
+    cluster.foreign_pods = [{
+        "metadata": {"name": "other", "namespace": "x", "labels": {}},
+        "spec": {"nodeName": "gpu-b", "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "2"}}}]},
+        "status": {"phase": "Running"},
+    }]
+    cluster.add_job()
+    await cluster.create()
+    assert {r["node"] for r in cluster.status()["plan"]["ranks"]} == {"gpu-a"}
+
+
+async def test_registration_wires_every_handler() -> None:
+    registry = handlers.register(kopf.OperatorRegistry(), OperatorSettings(reconcile_interval=7))
+    ids = {h.id for h in registry._changing.get_all_handlers()}
+    assert ids == {"admit", "plan", "respec/spec"}
+    timers = list(registry._spawning.get_all_handlers())
+    assert [(t.id, t.interval) for t in timers] == [("reconcile", 7)]
+    assert {h.id for h in registry._indexing.get_all_handlers()} == {"stadi_nodes", "stadi_gpu_pods",
+                                                                     "stadi_telemetry"}
