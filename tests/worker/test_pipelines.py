@@ -1,0 +1,93 @@
+"""Tiny random pipelines: built offline, saved, loaded back with from_pretrained; schedulers; sources."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import job_spec
+from stadi_worker.generate import generate_serial
+from stadi_worker.pipelines import load_pipeline, make_scheduler
+
+from stadi.api import DiffusionJobSpec, ModelSource
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tiny_dir, model_cache: Path):
+    tiny_dir("sdxl")
+    torch.set_num_threads(1)
+    return load_pipeline(ModelSource(family="sdxl", source="random://tiny", dtype="float32"), "cpu", model_cache)
+
+
+def test_pipelines_tiny_sdxl_on_disk(tiny_dir) -> None:
+    path = tiny_dir("sdxl")
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert (path / "tokenizer" / "vocab.json").exists() and (path / "tokenizer" / "merges.txt").exists()
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time" and len(unet["down_block_types"]) == 3
+    assert json.loads((path / "text_encoder_2" / "config.json").read_text())["architectures"] == [
+        "CLIPTextModelWithProjection"]
+
+
+def test_pipelines_load_from_file_uri(tiny_dir, tmp_path: Path) -> None:
+    pipe = load_pipeline(ModelSource(family="sdxl", source=f"file://{tiny_dir('sdxl')}", dtype="float32"),
+                         "cpu", tmp_path)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.tokenizer("a cat").input_ids[0] == pipe.tokenizer.bos_token_id
+    assert not list(tmp_path.iterdir())  # a local directory is used in place, nothing cached
+
+
+def test_pipelines_s3_goes_through_storage(tiny_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def download_prefix(uri: str, dest: Path, endpoint: str | None) -> Path:
+        calls.append((uri, dest, endpoint))
+        return tiny_dir("sdxl")
+
+    monkeypatch.setitem(sys.modules, "stadi_worker.storage",
+                        types.SimpleNamespace(download_prefix=download_prefix))
+    pipe = load_pipeline(ModelSource(family="sdxl", source="s3://models/tiny-sdxl", dtype="float32"), "cpu",
+                         tmp_path, endpoint="http://127.0.0.1:9000")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    (uri, dest, endpoint), = calls
+    assert uri == "s3://models/tiny-sdxl" and endpoint == "http://127.0.0.1:9000"
+    assert dest.is_relative_to(tmp_path)
+
+
+def test_pipelines_scheduler_choice(sdxl_pipe) -> None:
+    names = {n: type(make_scheduler(sdxl_pipe, "sdxl", n)).__name__ for n in ("default", "ddim", "euler",
+                                                                               "dpmpp-2m")}
+    assert names == {"default": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
+                     "euler": "EulerDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler"}
+    with pytest.raises(ValueError, match="flow-euler is for flow-matching"):
+        make_scheduler(sdxl_pipe, "sdxl", "flow-euler")
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
+def test_pipelines_serial_generation(sdxl_pipe, scheduler: str) -> None:
+    spec = DiffusionJobSpec.model_validate(job_spec("sdxl", steps=3, scheduler=scheduler))
+    seen = []
+    res = generate_serial(sdxl_pipe, spec, "a lighthouse", 1, on_step=lambda i, n: seen.append((i, n)))
+    assert res.image is not None and res.image.size == (spec.width, spec.height)
+    assert res.latents is not None and torch.isfinite(res.latents).all()
+    assert seen == [(1, 3), (2, 3), (3, 3)] and len(res.step_ms) == 3
+
+
+def test_pipelines_tiny_sd15_and_sd3(tiny_dir, model_cache: Path) -> None:
+    for family, cls, sched in (("sd15", "StableDiffusionPipeline", "DDIMScheduler"),
+                               ("sd3", "StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler")):
+        tiny_dir(family)
+        pipe = load_pipeline(ModelSource(family=family, source="random://tiny", dtype="float32"), "cpu",
+                             model_cache)
+        assert type(pipe).__name__ == cls
+        assert type(make_scheduler(pipe, family, "default")).__name__ == sched
+        spec = DiffusionJobSpec.model_validate(job_spec(family, steps=2))
+        res = generate_serial(pipe, spec, "a boat", 0)
+        assert res.latents is not None and torch.isfinite(res.latents).all()
+    with pytest.raises(ValueError, match="flow-matching model"):
+        make_scheduler(pipe, "sd3", "ddim")

@@ -1,0 +1,72 @@
+"""Fidelity runner: one job spec under several plans on the ranks of this process group.
+
+``python -m stadi_worker.parity CONFIG.json`` on every rank (torchrun env). The config holds ``spec`` (a
+DiffusionJobSpec document), ``prompt``, ``seed``, ``device``, ``cache_dir``, ``out`` and ``runs``: a list of
+``{"name", "plan" (a Plan document, or null for the serial reference on rank 0), "exact"}``. Rank 0 writes
+``out/NAME.pt`` with the final latent and every rank's step times. The CPU tests and the GPU fidelity
+benchmark both use it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stadi.api import DiffusionJobSpec, Plan
+from stadi_worker.generate import generate, generate_serial
+from stadi_worker.pipelines import load_pipeline
+from stadi_worker.runtime import init_from_env, shutdown
+
+
+def run(config: dict[str, Any]) -> None:
+    """Run every entry of ``config["runs"]`` and save rank 0's results."""
+    hang_s = os.environ.get("STADI_TRACEBACK_AFTER_S")
+    if hang_s:  # tests: a stuck rank prints where it is stuck, then exits
+        faulthandler.dump_traceback_later(float(hang_s), exit=True)
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    ctx = init_from_env(config.get("device", "cpu"))
+    try:
+        spec = DiffusionJobSpec.model_validate(config["spec"])
+        out = Path(config["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        pipe = load_pipeline(spec.model, ctx.device, Path(config["cache_dir"]))
+        for entry in config["runs"]:
+            if entry.get("plan") is None:
+                if ctx.rank == 0:
+                    res = generate_serial(pipe, spec, config["prompt"], config["seed"])
+                    torch.save({"latents": res.latents, "step_ms": [res.step_ms]}, out / f"{entry['name']}.pt")
+                if ctx.world_size > 1:
+                    dist.barrier()
+                continue
+            plan = Plan.model_validate(entry["plan"])
+            res = generate(pipe, spec, plan, ctx, config["prompt"], config["seed"], exact=entry.get("exact", False))
+            times: list[list[float]] = [res.step_ms]
+            if ctx.world_size > 1:
+                times = [None] * ctx.world_size  # type: ignore[list-item]
+                dist.all_gather_object(times, res.step_ms)
+            if ctx.rank == 0:
+                torch.save({"latents": res.latents, "step_ms": times}, out / f"{entry['name']}.pt")
+    finally:
+        shutdown(ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m stadi_worker.parity CONFIG.json", file=sys.stderr)
+        return 2
+    run(json.loads(Path(args[0]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

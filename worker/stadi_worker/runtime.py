@@ -1,0 +1,129 @@
+"""Process group from the torchrun / Kubernetes environment, and the start-up check of a plan."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from stadi.api import DiffusionJobSpec, Plan
+from stadi.families import profile
+
+DEFAULT_TIMEOUT_S = 600.0  # a dead peer surfaces as an error after this, never as a hang
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the gang."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "gloo" or "nccl"; the group exists only when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_from_env(device: str, timeout_s: float | None = None) -> DistContext:
+    """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+
+    ``device`` is "cpu" (Gloo) or "cuda" (NCCL, one GPU per local rank). Without WORLD_SIZE (or with 1)
+    no group is created. ``timeout_s`` (default: env STADI_DIST_TIMEOUT_S, else 600 s) bounds every
+    collective, so a rank that died makes the others fail instead of waiting forever.
+    """
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device cuda requested but no CUDA device is visible")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    elif device == "cpu":
+        dev, backend = torch.device("cpu"), "gloo"
+    else:
+        raise ValueError(f"device must be cpu or cuda, not {device!r}")
+    if world > 1 and not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise ValueError(f"WORLD_SIZE={world} but {name} is not set")
+        timeout = timeout_s if timeout_s is not None else float(
+            os.environ.get("STADI_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout),
+                                device_id=dev if backend == "nccl" else None)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (if any)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_plan(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
+    """Raise ValueError when ``plan`` cannot run ``spec`` on this gang.
+
+    Purely local and deterministic: every rank reaches the same verdict before any collective, so a bad
+    plan fails on all of them at once instead of leaving some waiting in a collective.
+    """
+    try:
+        _check(plan, spec, ctx)
+    except ValueError as err:
+        raise ValueError(f"rank {ctx.rank}: plan rejected: {err}") from None
+
+
+def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
+    family = spec.model.family
+    fam = profile(family)
+    if plan.family != family:
+        raise ValueError(f"plan is for family {plan.family!r} but the job runs {family!r}")
+    if plan.world_size != ctx.world_size:
+        raise ValueError(f"plan has {plan.world_size} ranks but the world size is {ctx.world_size}")
+    lat_h, lat_w = spec.height // fam.vae_factor, spec.width // fam.vae_factor
+    if (plan.latent_height, plan.latent_width) != (lat_h, lat_w):
+        raise ValueError(f"plan latent size {plan.latent_height}x{plan.latent_width} differs from the job's "
+                         f"{lat_h}x{lat_w} ({spec.height}x{spec.width} px / {fam.vae_factor})")
+    if plan.granularity % fam.granularity:
+        raise ValueError(f"plan granularity {plan.granularity} is not a multiple of the {family} band "
+                         f"granularity {fam.granularity} latent rows")
+    plan.validate_for(ctx.world_size)
+    for r in plan.ranks:  # validate_for checks the plan's own granularity; the family's is what the model needs
+        if r.rows[0] % fam.granularity or r.rows[1] % fam.granularity:
+            raise ValueError(f"rank {r.rank} band {list(r.rows)} is not a multiple of the {family} granularity "
+                             f"{fam.granularity} latent rows")
+    if plan.steps != spec.steps:
+        raise ValueError(f"plan has {plan.steps} steps but the job asks for {spec.steps}")
+    if plan.warmup_steps > spec.steps:
+        raise ValueError(f"plan warmup {plan.warmup_steps} exceeds the {spec.steps} steps")
+    if any(r.stride != 1 for r in plan.ranks):
+        raise ValueError("strides > 1 (strided sub-grids) are not supported by this worker yet; "
+                         f"strides: {[r.stride for r in plan.ranks]}")
+    branches = {r.branch for r in plan.ranks}
+    if branches != {"both"}:
+        if "both" in branches or branches != {"cond", "uncond"}:
+            raise ValueError(f"a condition-split plan needs ranks of both branches cond and uncond and no "
+                             f"'both': got {sorted(branches)}")
+        if not spec.uses_cfg:
+            raise ValueError("a condition-split plan needs guidanceScale > 1")
+    if plan.strategy == "single" and ctx.world_size != 1:
+        raise ValueError("strategy single runs on one rank")
