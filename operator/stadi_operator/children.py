@@ -1,7 +1,7 @@
 """The pod group of a DiffusionJob attempt, as plain manifests: pure functions, no API calls.
 
 Children: ConfigMap ``<job>-plan`` (plan.json, job.json), headless Service ``<job>`` (rank 0's DNS name),
-ServiceAccount/Role/RoleBinding ``<job>-worker`` (the Role allows only get/patch of this job's status, for
+ServiceAccount/Role/RoleBinding ``<job>-worker`` (the Role allows only patching this job's status, for
 progress), optionally a Volcano PodGroup, and one worker pod per planned node running torchrun with one
 process per planned GPU. Every child carries a controller ownerReference to the job, so deleting the job
 deletes them (outputs in object storage stay).
@@ -167,14 +167,15 @@ def service_account(owner: Owner) -> dict[str, Any]:
 
 
 def role(owner: Owner) -> dict[str, Any]:
-    """Least privilege: get and patch the status of this one job, nothing else (a merge patch of the status
-    subresource needs no read of the job itself)."""
+    """Least privilege: patch the status of this one job, nothing else. Rank 0's reporter sends only merge
+    patches of the status subresource (no read of the job, no list or watch: resourceNames cannot restrict
+    those anyway)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": _meta(owner, worker_name(owner.name)),
         "rules": [{
             "apiGroups": [GROUP], "resources": ["diffusionjobs/status"],
-            "resourceNames": [owner.name], "verbs": ["get", "patch"],
+            "resourceNames": [owner.name], "verbs": ["patch"],
         }],
     }
 

@@ -477,6 +477,13 @@ def _succeed(job: Job, spec_job: DiffusionJob) -> None:
     st = job.status
     outputs = list(st.get("outputs", [])) or [spec_job.spec.output.uri.rstrip("/") + "/manifest.json"]
     st.set(phase="Succeeded", completionTime=_stamp(job.now), outputs=outputs)
+    # Rank 0 reports progress best-effort: if its last patch was lost, completion still shows. Only ever raised
+    # to the total (this body may predate the worker's last patch), never reset; measured stays the worker's.
+    progress = dict(st.get("progress", {}) or {})
+    total = int(progress.get("imagesTotal") or 0)
+    if total and int(progress.get("imagesDone") or 0) < total:
+        progress.update(imagesDone=total, step=progress.get("steps") or progress.get("step") or 0)
+        st.set(progress=progress)
     st.condition("Scheduled", "True", "Completed", "all worker pods completed")
     st.condition("Complete", "True", "Succeeded", f"images written to {spec_job.spec.output.uri}")
     job.event("Succeeded", f"attempt {st.get('attempts')}: images written to {spec_job.spec.output.uri}")

@@ -131,6 +131,22 @@ def _elastic(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
     return Group(tuple(slots), tuple(units), tuple(strides), branch, batch)
 
 
+def _floored(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: int, branch: str) -> Group | None:
+    """Rows for given strides when the elastic split would leave a GPU without a band but the GPU set is
+    fixed (a re-plan keeps every running rank): one granule each, then every further granule to the rank
+    whose window time grows least (water-filling on the affine cost, which minimises the slowest rank)."""
+    if len(slots) > pb.granules:
+        return None
+    period = sync_period(strides)
+    fixed, per_granule = pb.cost.affine(batch)
+    units = [1] * len(slots)
+    for _ in range(pb.granules - len(slots)):
+        r = min(range(len(slots)),
+                key=lambda i: (period // strides[i] * (fixed + per_granule * (units[i] + 1)) / slots[i].speed, i))
+        units[r] += 1
+    return Group(tuple(slots), tuple(units), tuple(strides), branch, batch)
+
+
 def single(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
     """The whole image on the fastest GPU."""
     if len(slots) != 1:
@@ -165,7 +181,8 @@ def stadi(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
     fastest = slots[0].speed
     warm = min(pb.warmup, pb.steps)
     caps = [stride_cap(s.speed, fastest, pb.max_stride, pb.steps, warm, pb.min_effective_steps) for s in slots]
-    groups = [_elastic(pb, slots, strides, pb.batch, "both") for strides in stride_candidates(caps)]
+    groups = [_elastic(pb, slots, strides, pb.batch, "both") or _floored(pb, slots, strides, pb.batch, "both")
+              for strides in stride_candidates(caps)]
     # Equal bands with stride 1 are in the search so that stadi can never predict worse than patch.
     groups.append(Group(tuple(slots), tuple(equal_units(len(slots), pb.granules)), (1,) * len(slots), "both",
                         pb.batch))

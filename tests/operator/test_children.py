@@ -109,10 +109,10 @@ def test_every_child_is_controlled_by_the_job() -> None:
         assert obj["metadata"]["namespace"] == "team-a"
 
 
-def test_rbac_allows_only_get_and_patch_of_this_jobs_status() -> None:
+def test_rbac_allows_only_patching_this_jobs_status() -> None:
     kinds = build()
     assert kinds["Role"][0]["rules"] == [{"apiGroups": ["stadi.dev"], "resources": ["diffusionjobs/status"],
-                                          "resourceNames": ["cats"], "verbs": ["get", "patch"]}]
+                                          "resourceNames": ["cats"], "verbs": ["patch"]}]
     binding = kinds["RoleBinding"][0]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cats-worker"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cats-worker", "namespace": "team-a"}]

@@ -44,7 +44,7 @@ def test_agent_hook_is_skipped_while_its_module_is_missing(monkeypatch: pytest.M
     root = argparse.ArgumentParser()
     sub = root.add_subparsers(dest="command")
     commands.register(sub)
-    assert set(sub.choices) == {"operator"}
+    assert "operator" in sub.choices and "agent" not in sub.choices
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,6 +252,42 @@ async def test_status_goes_pending_planning_scheduling_running_succeeded(cluster
     assert cluster.reasons() == ["Planned", "Scheduled", "Succeeded"]
 
 
+async def test_success_keeps_the_workers_progress_and_measurements(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    for pod in ("cats-a1-0", "cats-a1-1"):
+        cluster.set_pod(pod, "Running")
+    await cluster.call(handlers.reconcile)
+    measured = [{"rank": 0, "stepMs": [10.0, 11.0], "medianMs": 10.5}, {"rank": 1, "stepMs": [20.0], "medianMs": 20.0}]
+    job = cluster.server.objects[JOB, NS, "cats"]
+    job.patch({"status": {"progress": {"step": 8, "steps": 8, "imagesDone": 2, "imagesTotal": 2},
+                          "progressText": "2/2 images", "measured": measured}})  # rank 0's last PATCH
+    for pod in ("cats-a1-0", "cats-a1-1"):
+        cluster.set_pod(pod, "Succeeded")
+    patch = await cluster.call(handlers.reconcile)
+
+    assert cluster.status()["phase"] == "Succeeded"
+    assert not {"progress", "progressText", "measured"} & set(patch.get("status", {}))  # nothing to write
+    status = cluster.status()
+    assert status["progress"] == {"step": 8, "steps": 8, "imagesDone": 2, "imagesTotal": 2}
+    assert status["progressText"] == "2/2 images" and status["measured"] == measured
+
+
+async def test_success_completes_progress_whose_last_patch_was_lost(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    cluster.server.objects[JOB, NS, "cats"].patch(
+        {"status": {"progress": {"step": 3, "steps": 8, "imagesDone": 1, "imagesTotal": 2},
+                    "progressText": "1/2 images"}})
+    for pod in ("cats-a1-0", "cats-a1-1"):
+        cluster.set_pod(pod, "Succeeded")
+    await cluster.call(handlers.reconcile)
+    status = cluster.status()
+    assert status["phase"] == "Succeeded"
+    assert status["progress"] == {"step": 8, "steps": 8, "imagesDone": 2, "imagesTotal": 2}
+    assert status["progressText"] == "2/2 images"
+
+
 async def test_a_failed_pod_replans_without_its_node(cluster: Cluster) -> None:
     cluster.nodes.append(gpu_node("gpu-c", 2))
     cluster.add_job()

@@ -68,7 +68,7 @@ class FakeCore:
         self.loads += 1
         return "pipe"
 
-    def generate(self, pipe, spec, plan, ctx, prompt, seed, *, exact=False, on_step=None):
+    def generate(self, pipe, spec, plan, ctx, prompt, seed, *, exact=False, on_step=None, **_):
         if prompt == self.fail_on:
             raise RuntimeError(f"boom on {prompt}")
         for step in range(1, spec.steps + 1):
@@ -334,7 +334,7 @@ def init_from_env(device):
     dist.init_process_group("gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu"), "gloo")
 
-def generate(pipe, spec, plan, ctx, prompt, seed, *, exact=False, on_step=None):
+def generate(pipe, spec, plan, ctx, prompt, seed, *, exact=False, on_step=None, **_):
     if ctx.rank == 1:
         raise RuntimeError("rank one broke")
     time.sleep(600)  # rank 0 would wait forever: the launcher must stop it
@@ -367,3 +367,26 @@ def test_stadi_run_one_failed_rank_stops_a_stuck_one(tmp_path: Path) -> None:
     logs = next(tmp_path.glob("stadi-run-*"))  # kept on failure, and named in the message
     assert str(logs) in proc.stderr and (logs / "rank-1.log").exists()
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stadi_run_slowdown_replans(tmp_path: Path, stadi_cache: str) -> None:
+    """Two equal CPU ranks plan strides 1; rank 1 paced 3x slower must be relieved by the re-plan (read from
+    the recorded plan, not from wall time)."""
+    out = tmp_path / "out"
+    proc = _stadi("run", str(_job_file(tmp_path)), "--ranks", "2", "--device", "cpu", "--strategy", "stadi",
+                  "--slowdown", "1=3.0", "--output", str(out), env={"STADI_CACHE": stadi_cache})
+    assert proc.returncode == 0, proc.stderr
+    record = Manifest.from_json((out / "manifest.json").read_bytes()).plan
+    assert [r.stride for r in record.initial.ranks] == [1, 1]
+    assert record.measured_speeds is not None and record.measured_speeds[1] < record.measured_speeds[0]
+    assert record.replanned
+    r0, r1 = record.final.ranks
+    assert r1.stride > r0.stride or r1.height < r0.height
+
+
+def test_replan_progress_event_round_trips() -> None:
+    event = ProgressEvent("replan", 2, 8, 0, 2, speeds=[0.1, 0.03], strategy="stadi", strides=[1, 3],
+                          rows=[[0, 12], [12, 16]], replanned=True)
+    assert ProgressEvent.from_json(event.to_json()) == event

@@ -5,12 +5,18 @@ tensor and, in stale mode, the handle of the exchange in flight. Layers call ``g
 local tensor and get one tensor per band back: fresh for every band in synchronous mode; in stale mode their
 own fresh tensor and the other bands' tensors from the previous step, while this step's exchange runs in the
 background (``async_op=True``) until the same layer asks again one step later.
+
+With strided sub-grids (DESIGN section 4) only window starts are shared by every rank: there the mode is
+stale (the exchange of the latest activations starts, asynchronously); the steps a fast rank takes inside a
+window are local: no collective, each layer waits for the exchange in flight at its first use and then
+reuses the other bands' context from the last exchange.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -101,8 +107,11 @@ class CommManager:
     group: Any = None  # a ProcessGroup, or None for the default (world) group
     backend: str = "gloo"
     sync: bool = True
+    local: bool = False  # inside a window: no collective, the last exchange's context
     slots: dict[int, _Slot] = field(default_factory=dict)
     bytes_sent: int = 0
+    exchanges: int = 0  # denoiser steps that started an exchange (sync or stale), counted not timed
+    waiting: Any = None  # () -> context manager timing blocked waits (StepTimer.waiting), or None
 
     @property
     def size(self) -> int:
@@ -114,20 +123,36 @@ class CommManager:
         self.slots[key] = _Slot()
         return key
 
-    def begin_step(self, sync: bool) -> None:
-        """Set the mode of the coming denoiser step: synchronous (exact) or stale."""
+    def begin_step(self, sync: bool, mode: Literal["exchange", "local"] = "exchange") -> None:
+        """Set the mode of the coming denoiser step: synchronous (exact) or stale, and whether it is a
+        step every rank takes (``exchange``) or one inside a window that only this rank takes (``local``)."""
         self.sync = sync
+        self.local = mode == "local" and not sync
+        if not self.local and self.size > 1:
+            self.exchanges += 1
+
+    def _wait(self) -> AbstractContextManager[Any]:
+        return self.waiting() if self.waiting is not None else nullcontext()
 
     def gather(self, key: int, local: torch.Tensor, sizes: list[int], dim: int) -> list[torch.Tensor]:
         """Every band's tensor for layer ``key`` (group order); ours is ``local`` itself."""
         if self.size == 1:
             return [local]
         slot = self.slots[key]
+        if self.local:
+            if slot.pending is not None:  # first use inside the window: wait for the window-start exchange
+                self._finish(slot)
+            if slot.buffers is None:
+                raise RuntimeError(f"layer slot {key}: a local step before any exchange")
+            out = list(slot.buffers)
+            out[self.layout.index] = local
+            return out
         self.bytes_sent += local.numel() * local.element_size()
         if self.sync or (slot.buffers is None and slot.pending is None):
             if slot.pending is not None:  # keep the collective sequence identical on every rank
                 self._finish(slot)
-            _, recv, trim = all_gather_uneven(local, sizes, dim, self.group, self.backend)
+            with self._wait():
+                _, recv, trim = all_gather_uneven(local, sizes, dim, self.group, self.backend)
             out = trim(recv)
             out[self.layout.index] = local
             slot.buffers = out
@@ -145,7 +170,8 @@ class CommManager:
         assert slot.pending is not None
         work, recv, trim = slot.pending
         if work is not None:
-            work.wait()
+            with self._wait():
+                work.wait()
         slot.buffers = trim(recv)
         slot.pending = None
 

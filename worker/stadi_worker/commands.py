@@ -37,8 +37,14 @@ def _worker(args: argparse.Namespace) -> int:
     return worker_command(args)
 
 
+def _fidelity(args: argparse.Namespace) -> int:
+    from stadi_worker.fidelity import command
+
+    return command(args)
+
+
 def register(subparsers: Any) -> None:
-    """Add ``run`` and ``worker`` to the ``stadi`` command."""
+    """Add ``run``, ``worker`` and ``bench fidelity`` to the ``stadi`` command."""
     run = subparsers.add_parser(
         "run", help="run a DiffusionJob on this machine (each GPU a rank, or N CPU ranks)",
         description="Plan a DiffusionJob for the local devices, run its ranks, write the images and "
@@ -55,6 +61,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("--exact", action="store_true", help="synchronous exchange at every step (exact, slower)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--verbose", action="store_true", help="show the ranks' own output")
+    run.add_argument("--slowdown", action="append", metavar="RANK=FACTOR", default=[],
+                     help="FOR TESTS AND BENCHMARKS ONLY: emulate a FACTOR times slower device on RANK "
+                     "(repeatable; CPU: paced compute, GPU: a CUDA green context with 1/FACTOR of the SMs); "
+                     "the ranks get it as env STADI_SLOWDOWN=\"1=3.0,2=1.5\"")
     run.set_defaults(func=_run)
 
     worker = subparsers.add_parser(
@@ -64,3 +74,14 @@ def register(subparsers: Any) -> None:
     )
     add_worker_arguments(worker)
     worker.set_defaults(func=_worker)
+
+    bench = subparsers.add_parser("bench", help="worker benchmarks (fidelity of parallel plans)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    fidelity = bench_sub.add_parser(
+        "fidelity", help="PSNR/SSIM of parallel plans against the serial run of the same seed",
+        description="Run the serial reference and each plan on N local ranks; compare the decoded images "
+        "(PSNR, SSIM with an 11x11 gaussian window, sigma 1.5). Prints a table; --json writes the results.")
+    from stadi_worker.fidelity_args import add_arguments
+
+    add_arguments(fidelity)
+    fidelity.set_defaults(func=_fidelity)

@@ -1,20 +1,36 @@
-"""The public entry of the data plane: generate one image under a plan on the ranks of a process group."""
+"""The public entry of the data plane: generate one image under a plan on the ranks of a process group.
+
+Timeline of one image (DESIGN section 4): W synchronous warmup steps, timed per rank; the re-plan (rank 0
+turns the measured compute times into speeds, asks the planner for exactly these ranks and broadcasts the
+answer; bands are re-cut once when the predicted gain passes ``replanThreshold``); then windows of
+P = lcm(strides) base steps in which rank r takes P/k_r steps on its own sub-grid, with one asynchronous
+exchange at each window start. When (T - W) is not a multiple of P, the first (T - W) mod P steps after
+warmup form a short window in which every rank takes every step (stale, like patch parallelism), so the
+full windows that follow all end on the final timestep.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, Plan
+from stadi.families import profile
 from stadi_worker.comm import BandLayout, CommManager, all_gather_uneven
+from stadi_worker.emulate import Pacer, green_context, slowdown_factor
 from stadi_worker.layers import patch_denoiser
 from stadi_worker.pipelines import FamilyOps, batch_branches, make_scheduler
 from stadi_worker.runtime import DistContext, check_plan
-from stadi_worker.sampling import BandSampler, StepTimer, denoise_loop
+from stadi_worker.sampling import BandSampler, StepTimer, denoise_loop, is_boundary, subgrid
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -25,6 +41,12 @@ class GenerationResult:
     image: PIL.Image.Image | None  # decoded on rank 0, None on other ranks
     latents: torch.Tensor | None  # final full latent on rank 0 (for fidelity tests)
     step_ms: list[float]  # this rank's per-step denoiser times
+    plan: Plan | None = None  # the plan the image finished with (the re-planned one, if any)
+    measured_speeds: list[float] | None = None  # per rank, from the warmup (when profiled)
+    replanned: bool = False
+    predicted_gain: float | None = None  # (old - new) / old predicted seconds at the measured speeds
+    evals: list[int] = field(default_factory=list)  # base indices where this rank ran the denoiser
+    exchanges: list[int] = field(default_factory=list)  # base indices where an exchange started
 
 
 def initial_noise(shape: tuple[int, int, int], seed: int, sigma: float) -> torch.Tensor:
@@ -38,7 +60,7 @@ def _guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tens
 
 
 def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *,
-                    on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+                    on_step: Callable[[int, int], None] | None = None, **_: Any) -> GenerationResult:
     """One process, the same loop, no communication: the reference of every parallel run."""
     ops = FamilyOps(pipe, spec.model.family)
     guidance = spec.uses_cfg
@@ -53,7 +75,8 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
         return _guide(*out.chunk(2), spec.guidance_scale) if guidance else out
 
     latents = denoise_loop(sampler, latents, eps_fn, timer, on_step)
-    return GenerationResult(image=ops.decode(latents), latents=latents, step_ms=timer.ms())
+    return GenerationResult(image=ops.decode(latents), latents=latents, step_ms=timer.ms(),
+                            evals=list(sampler.grid))
 
 
 def _groups(plan: Plan, rank: int) -> tuple[list[int], Any]:
@@ -75,59 +98,220 @@ def _assemble(parts: list[torch.Tensor], plan: Plan, ranks: list[int]) -> torch.
     return torch.cat([parts[r] for r in ranks], dim=-2)
 
 
+class _Bands:
+    """This rank's share under one plan: its band, its group, the comm manager and the wrapped denoiser."""
+
+    def __init__(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext,
+                 branches: dict[str, dict[str, torch.Tensor]], timer: StepTimer):
+        self.ops, self.spec, self.plan, self.ctx, self.timer = ops, spec, plan, ctx, timer
+        self.guidance = spec.uses_cfg
+        me = plan.ranks[ctx.rank]
+        self.split = me.branch != "both"
+        self.members, group = _groups(plan, ctx.rank)
+        layout = BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
+                            index=self.members.index(ctx.rank), height=plan.latent_height)
+        self.comm = CommManager(layout=layout, group=group, backend=ctx.backend, waiting=timer.waiting)
+        self.order = [me.branch] if self.split else (["uncond", "cond"] if self.guidance else ["cond"])
+        self.cond = batch_branches(branches, self.order)
+        self.start, self.end = me.rows
+        self.world_rows = [r.height for r in plan.ranks]
+        self.restore = patch_denoiser(ops.denoiser, self.comm)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided noise prediction for our band ``x``."""
+        out = self.ops(torch.cat([x] * len(self.order)), t, self.cond)
+        if not self.split:
+            return _guide(*out.chunk(2), self.spec.guidance_scale) if self.guidance else out
+        # condition split: every rank needs the other branch's prediction for its rows; predictions are
+        # small (latent channels only), so all ranks gather both full frames and cut out their band
+        with self.timer.waiting():
+            _, recv, trim = all_gather_uneven(out, self.world_rows, dim=-2, backend=self.ctx.backend)
+            parts = trim(recv)
+        plan = self.plan
+        branch = {b: _assemble(parts, plan, [r.rank for r in plan.ranks if r.branch == b])
+                  for b in ("uncond", "cond")}
+        return _guide(branch["uncond"], branch["cond"], self.spec.guidance_scale)[..., self.start:self.end, :]
+
+    def gather_full(self, band: torch.Tensor) -> torch.Tensor:
+        """The full-height tensor from every rank's band (collective over the world)."""
+        _, recv, trim = all_gather_uneven(band.contiguous(), self.world_rows, dim=-2, backend=self.ctx.backend)
+        return _assemble(trim(recv), self.plan, self.members)
+
+
+def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool) -> float:
+    """The family's affine cost (ms at speed 1.0, the catalogue's scale) of one step of ``rank``'s band."""
+    fam = profile(plan.family)
+    r = plan.ranks[rank]
+    batch = (2 if guidance else 1) if r.branch == "both" else 1
+    return fam.alpha_ms + fam.beta_ms * batch * r.height * plan.latent_width / 128.0
+
+
+def measured_speeds(plan: Plan, compute_ms: list[float], guidance: bool) -> list[float]:
+    """Speeds comparable to the catalogue's: invert c_r(h) = (alpha + beta*b*h*W/128) / v_r."""
+    return [step_cost_at_unit_speed(plan, r, guidance) / max(ms, 1e-6) for r, ms in enumerate(compute_ms)]
+
+
+def _link(plan: Plan) -> float:
+    """The link the planner assumes for these ranks (CPU ranks: PCIe, as ``stadi run`` plans them)."""
+    from stadi.planner import LINKS, default_link
+
+    if any(r.gpu.upper().startswith("CPU") for r in plan.ranks):
+        return LINKS["pcie"]
+    return default_link((r.gpu, r.node) for r in plan.ranks)
+
+
+def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tuple[Plan | None, float]:
+    """Ask the planner for exactly these ranks at ``speeds``, under the job's strategy.
+
+    Returns (the new plan with ranks in process order, or None when the predicted gain does not pass
+    ``replanThreshold``; the gain). Pure and deterministic: run on rank 0 and broadcast.
+    """
+    from dataclasses import replace
+
+    from stadi.planner import Device, PlanRequest
+    from stadi.planner import plan as run_planner
+    from stadi.planner.evaluate import predict_seconds
+
+    link = _link(plan)
+    world = plan.world_size
+    request = replace(PlanRequest.from_spec(spec, link), gpus_min=world, gpus_max=world,
+                      warmup_steps=plan.warmup_steps)
+    pool = [Device(r.gpu, node=r.node, index=r.rank, speed=speeds[r.rank]) for r in plan.ranks]
+    try:
+        fresh = run_planner(request, pool)
+    except ValueError as error:
+        log.warning("re-plan failed; keeping the plan", extra={"error": str(error)})
+        return None, 0.0
+    if fresh.world_size != world:
+        return None, 0.0
+    # the planner numbers ranks fastest first; the processes are already running: map back by device index
+    by_proc = sorted(fresh.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
+    ranks = [r.model_copy(update={"rank": i, "gpu_index": plan.ranks[i].gpu_index}) for i, r in enumerate(by_proc)]
+    fresh = fresh.model_copy(update={"ranks": ranks})
+    fresh.validate_for(world)
+    args = (plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
+    old_s = predict_seconds(plan, speeds, *args)
+    new_s = predict_seconds(fresh, speeds, *args)
+    gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
+    same = [(r.rows, r.stride, r.branch) for r in fresh.ranks] == [(r.rows, r.stride, r.branch) for r in plan.ranks]
+    if same or gain <= spec.parallelism.replan_threshold:
+        return None, gain
+    return fresh, gain
+
+
+def _period(plan: Plan, exact: bool) -> int:
+    return 1 if exact else math.lcm(*(r.stride for r in plan.ranks))
+
+
 def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
-             exact: bool = False, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+             exact: bool = False, on_step: Callable[[int, int], None] | None = None,
+             replan_after_warmup: bool = False, on_replan: Callable[[GenerationResult], None] | None = None,
+             slowdown: float | None = None) -> GenerationResult:
     """Generate one image of ``prompt`` under ``plan``; call on every rank of the group.
 
     Each rank denoises its band of latent rows; the first ``plan.warmup_steps`` steps (all of them with
-    ``exact``) exchange fresh activations at every layer, later steps use the other bands' activations from
-    the previous step while the exchange overlaps compute. The final latent is gathered and decoded on rank 0.
+    ``exact``, which also ignores strides) exchange fresh activations at every layer; later steps run on
+    each rank's strided sub-grid with the other bands' activations from the last exchange. With
+    ``replan_after_warmup`` the warmup is profiled and the plan may change (``on_replan`` gets the measured
+    speeds and the new plan on rank 0). ``slowdown`` (default: env STADI_SLOWDOWN) emulates a slower
+    device, for tests and benchmarks. The final latent is gathered and decoded on rank 0.
     """
     check_plan(plan, spec, ctx)
     if ctx.world_size == 1:
         return generate_serial(pipe, spec, prompt, seed, on_step=on_step)
-    family = spec.model.family
-    ops = FamilyOps(pipe, family)
+    factor = slowdown if slowdown is not None else slowdown_factor(ctx.rank)
+    with green_context(factor, ctx.device):
+        return _generate(pipe, spec, plan, ctx, prompt, seed, exact, on_step, replan_after_warmup, on_replan,
+                         Pacer(factor, ctx.device))
+
+
+def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int,
+              exact: bool, on_step: Callable[[int, int], None] | None, replan_after_warmup: bool,
+              on_replan: Callable[[GenerationResult], None] | None, pacer: Pacer) -> GenerationResult:
+    ops = FamilyOps(pipe, spec.model.family)
     guidance = spec.uses_cfg
-    me = plan.ranks[ctx.rank]
-    split = me.branch != "both"
-    members, group = _groups(plan, ctx.rank)
-    layout = BandLayout(bands=tuple(plan.ranks[r].rows for r in members), index=members.index(ctx.rank),
-                        height=plan.latent_height)
-    comm = CommManager(layout=layout, group=group, backend=ctx.backend)
-    order = [me.branch] if split else (["uncond", "cond"] if guidance else ["cond"])
-    cond = batch_branches(ops.encode(spec, prompt, guidance), order)
-    sampler = BandSampler(make_scheduler(pipe, family, spec.scheduler), spec.steps, ops.device)
-    start, end = me.rows
+    branches = ops.encode(spec, prompt, guidance)
+    steps = spec.steps
+    sampler = BandSampler(make_scheduler(pipe, spec.model.family, spec.scheduler), steps, ops.device)
     full = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma)
-    latents = full[..., start:end, :].to(ops.device, ops.dtype)
-    world_rows = [r.height for r in plan.ranks]
     timer = StepTimer(ops.device)
+    bands = _Bands(ops, spec, plan, ctx, branches, timer)
+    latents = full[..., bands.start:bands.end, :].to(ops.device, ops.dtype)
+    warmup = steps if exact else min(plan.warmup_steps, steps)
+    result = GenerationResult(image=None, latents=None, step_ms=[], plan=plan)
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
-        comm.begin_step(sync=exact or index < plan.warmup_steps)
-        out = ops(torch.cat([x] * len(order)), t, cond)
-        if not split:
-            return _guide(*out.chunk(2), spec.guidance_scale) if guidance else out
-        # condition split: every rank needs the other branch's prediction for its rows; predictions are
-        # small (latent channels only), so all ranks gather both full frames and cut out their band
-        _, recv, trim = all_gather_uneven(out, world_rows, dim=-2, backend=ctx.backend)
-        parts = trim(recv)
-        branch = {b: _assemble(parts, plan, [r.rank for r in plan.ranks if r.branch == b])
-                  for b in ("uncond", "cond")}
-        return _guide(branch["uncond"], branch["cond"], spec.guidance_scale)[..., start:end, :]
+    def run(index: int, mode: str) -> None:
+        nonlocal latents
+        x_in = sampler.scale(latents, index)
+        bands.comm.begin_step(sync=exact or index < warmup, mode=mode)  # type: ignore[arg-type]
+        if mode == "exchange":
+            result.exchanges.append(index)
+        timer.start()
+        eps = bands.eps(x_in, sampler.timesteps[index])
+        if pacer.active:
+            pacer.pace(timer.running_compute_ms())
+        timer.stop()
+        latents = sampler.step(eps, index, latents)
+        result.evals.append(index)
+        if on_step is not None:
+            on_step(sampler.next_index(index), steps)  # base steps done: the same scale on every rank
 
-    restore = patch_denoiser(ops.denoiser, comm)
     try:
-        latents = denoise_loop(sampler, latents, eps_fn, timer, on_step)
-        comm.drain()
+        with torch.no_grad():
+            for index in range(warmup):
+                run(index, "exchange")
+            if replan_after_warmup and 0 < warmup < steps and plan.strategy != "single":
+                new, result = _replan_step(spec, bands, timer, warmup, result, ctx)
+                if new is not None:
+                    # bands re-cut once: gather the full latent (and band-shaped scheduler state), re-slice
+                    new_start, new_end = new.ranks[ctx.rank].rows
+                    old = bands
+                    sampler.map_state(lambda t: old.gather_full(t)[..., new_start:new_end, :], like=latents)
+                    full_latents = old.gather_full(latents)
+                    old.comm.drain()
+                    old.restore()
+                    bands = _Bands(ops, spec, new, ctx, branches, timer)  # fresh activation caches
+                    latents = full_latents[..., new_start:new_end, :].contiguous()
+                if on_replan is not None and ctx.rank == 0:
+                    on_replan(result)
+            cur = bands.plan
+            period = _period(cur, exact)
+            stride = 1 if exact else cur.ranks[ctx.rank].stride
+            sampler.set_grid(subgrid(steps, warmup, stride, period))
+            for index in sampler.grid[warmup:]:
+                run(index, "exchange" if is_boundary(index, steps, warmup, period) else "local")
+            bands.comm.drain()
     finally:
-        restore()
-    step_ms = timer.ms()
+        bands.restore()
+    result.step_ms = timer.ms()
     # final latent: gathered by band height; rank 0 assembles its own group's bands
-    _, recv, trim = all_gather_uneven(latents, world_rows, dim=-2, backend=ctx.backend)
-    parts = trim(recv)
+    final = bands.gather_full(latents)
     if ctx.rank != 0:
-        return GenerationResult(image=None, latents=None, step_ms=step_ms)
-    final = _assemble(parts, plan, members)
-    return GenerationResult(image=ops.decode(final), latents=final, step_ms=step_ms)
+        return result
+    result.latents = final
+    result.image = ops.decode(final)
+    return result
+
+
+def _replan_step(spec: DiffusionJobSpec, bands: _Bands, timer: StepTimer, warmup: int,
+                 result: GenerationResult, ctx: DistContext) -> tuple[Plan | None, GenerationResult]:
+    """Medians of the warmup compute times -> speeds on every rank; rank 0 plans; everyone gets its answer."""
+    mine = statistics.median(timer.compute_ms()[:warmup])
+    times: list[float] = [0.0] * ctx.world_size
+    dist.all_gather_object(times, mine)
+    plan = bands.plan
+    speeds = measured_speeds(plan, times, spec.uses_cfg)
+    box: list[Any] = [None]
+    if ctx.rank == 0:
+        new, gain = replan(spec, plan, speeds)
+        box = [(new.model_dump_json() if new is not None else None, gain)]
+    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+    new_json, gain = box[0]
+    new = Plan.model_validate_json(new_json) if new_json is not None else None
+    result.measured_speeds = [round(v, 6) for v in speeds]
+    result.predicted_gain = round(gain, 6)
+    result.replanned = new is not None
+    result.plan = new or plan
+    log.info("re-plan", extra={"speeds": result.measured_speeds, "gain": result.predicted_gain,
+                               "replanned": result.replanned})
+    return new, result

@@ -36,7 +36,7 @@ from stadi_worker.storage import StorageError, Store, local_path, open_store
 
 log = logging.getLogger(__name__)
 
-EventKind = Literal["start", "step", "image", "done"]
+EventKind = Literal["start", "step", "image", "done", "replan"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class ProgressEvent:
     """Where rank 0 is: ``step`` of ``steps`` in the current image, ``images_done`` of ``images_total``.
 
     ``images_done`` counts skipped images too (they are done); ``images_skipped`` says how many of them were
-    already in the output when the job started. ``uri`` is set on "image" events.
+    already in the output when the job started. ``uri`` is set on "image" events. A "replan" event (once,
+    after the first image's warmup) carries the measured ``speeds`` per rank and the plan the job goes on
+    with: its ``strategy``, ``strides`` and ``rows`` per rank, and whether it changed (``replanned``).
     """
 
     kind: EventKind
@@ -54,6 +56,11 @@ class ProgressEvent:
     images_total: int
     images_skipped: int = 0
     uri: str | None = None
+    speeds: list[float] | None = None
+    strategy: str | None = None
+    strides: list[int] | None = None
+    rows: list[list[int]] | None = None
+    replanned: bool | None = None
 
     def to_json(self) -> str:
         """One JSON line (no newline)."""
@@ -217,6 +224,7 @@ def run_job(
     records: dict[int, ImageRecord] = {}
     step_ms: list[float] = []
     final_plan = plan
+    measured: dict[str, Any] = {}  # the first image's warmup profile (re-plan happens once per job)
     done = skipped
     write_s = 0.0
     t_gen = time.perf_counter()
@@ -227,11 +235,24 @@ def run_job(
         def on_step(step: int, *_: Any, _done: int = done) -> None:
             emit(ProgressEvent("step", min(int(step), spec.steps), spec.steps, _done, total, skipped))
 
+        def on_replan(res: Any, _done: int = done) -> None:
+            p = res.plan
+            emit(ProgressEvent("replan", min(p.warmup_steps, spec.steps), spec.steps,
+                               _done, total, skipped, speeds=res.measured_speeds, strategy=p.strategy,
+                               strides=[r.stride for r in p.ranks], rows=[list(r.rows) for r in p.ranks],
+                               replanned=res.replanned))
+
         t_img = time.perf_counter()
-        result = generate(pipe, spec, plan, ctx, prompts[i], seed, exact=exact, on_step=on_step)
+        first = not measured
+        result = generate(pipe, spec, final_plan, ctx, prompts[i], seed, exact=exact, on_step=on_step,
+                          **({"replan_after_warmup": True, "on_replan": on_replan} if first else {}))
         seconds = time.perf_counter() - t_img
         step_ms.extend(float(t) for t in (getattr(result, "step_ms", None) or []))
         final_plan = getattr(result, "plan", None) or final_plan  # a re-planning core reports its plan
+        if first:
+            measured = {"measured_speeds": getattr(result, "measured_speeds", None),
+                        "predicted_gain": getattr(result, "predicted_gain", None),
+                        "replanned": bool(getattr(result, "replanned", False))}
         if lead:
             assert store is not None
             t_write = time.perf_counter()
@@ -270,7 +291,7 @@ def run_job(
         seed=spec.seed,
         exact=exact,
         images=[records[i] for i in range(total)],
-        plan=PlanRecord(initial=plan, final=final_plan),
+        plan=PlanRecord(initial=plan, final=final_plan, **measured),
         ranks=sorted(ranks, key=lambda r: r.rank),
         timings=Timings(
             load_s=round(load_s, 4),

@@ -9,7 +9,8 @@
 * the rendezvous from the torchrun variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 * overrides from env ``STADI_JOB_NAME`` (when the job document has no name), ``STADI_OUTPUT`` (output
   URI), ``STADI_ENDPOINT`` (S3 endpoint), ``STADI_DEVICE``,
-  ``STADI_EXACT=1``, ``STADI_CREDENTIALS_DIR`` (mounted Secret with the S3 keys);
+  ``STADI_EXACT=1``, ``STADI_CREDENTIALS_DIR`` (mounted Secret with the S3 keys), ``STADI_SLOWDOWN``
+  (``"1=3.0,2=1.5"``: emulated slower ranks, for tests and benchmarks only);
 * where to report: ``STADI_PROGRESS`` (``fd:N``, a file, or ``-`` for stdout: JSON lines of progress
   events from rank 0) and ``STADI_ERROR_FILE`` (a JSON record of the exception that ended the rank).
 
@@ -212,7 +213,7 @@ def run_worker(
         device = device or os.environ.get("STADI_DEVICE") or _default_device()
         exact = exact if exact is not None else os.environ.get("STADI_EXACT", "") in ("1", "true", "yes")
 
-        from stadi_worker import runtime
+        from stadi_worker import runtime, status_reporter
         from stadi_worker.job_runner import run_job
 
         ctx = runtime.init_from_env(device)
@@ -223,10 +224,14 @@ def run_worker(
             # Only rank 0 writes; the other ranks need no credentials.
             store = open_store(spec.output.uri, spec.output.endpoint)
         log.info("rank started", extra={"rank": rank, "world_size": ctx.world_size, "device": str(ctx.device)})
-        with progress_sink(progress or os.environ.get("STADI_PROGRESS") if rank == 0 else None) as emit:
+        with (progress_sink(progress or os.environ.get("STADI_PROGRESS") if rank == 0 else None) as emit,
+              status_reporter.reporting(enabled=rank == 0) as reporter):
             name = dj.metadata.name or os.environ.get("STADI_JOB_NAME") or "job"
-            manifest = run_job(spec, the_plan, ctx, store, emit, job_name=name,
+            # Rank 0's events also go to the job's status (best-effort, throttled, never raises).
+            manifest = run_job(spec, the_plan, ctx, store, status_reporter.compose(emit, reporter), job_name=name,
                                exact=exact)
+            if manifest is not None and reporter is not None:
+                reporter.finish(manifest)  # every rank's step times into status.measured
         if manifest is not None:
             log.info("job done", extra={"output": manifest.output, "images": len(manifest.images)})
         _shutdown()
@@ -409,8 +414,12 @@ def run_local(
     log_level: str = "WARNING",
     timeout_s: float | None = None,
     out: IO[str] | None = None,
+    slowdown: Sequence[str] = (),
 ) -> int:
-    """Plan ``job`` for this machine, run its ranks as local processes, report where the images are."""
+    """Plan ``job`` for this machine, run its ranks as local processes, report where the images are.
+
+    ``slowdown`` (``RANK=FACTOR`` items; tests and benchmarks only) emulates slower devices: it becomes
+    env STADI_SLOWDOWN of every rank."""
     from stadi.planner import plan_job
 
     out = out or sys.stdout
@@ -422,6 +431,14 @@ def run_local(
         except ValueError as error:
             raise WorkerError(f"--strategy {strategy}: {error}") from None
         job = job.model_copy(update={"spec": spec})
+    slow_text = ",".join(slowdown)
+    if slow_text:
+        from stadi_worker.emulate import parse_slowdown
+
+        try:
+            parse_slowdown(slow_text)
+        except ValueError as error:
+            raise WorkerError(f"--slowdown: {error}") from None
     pool, link = local_pool(device, ranks)
     try:
         plan = plan_job(spec, pool, link)
@@ -446,6 +463,8 @@ def run_local(
         env.pop(key, None)  # the job file already says where the output goes
     if credentials_dir is not None:
         env["STADI_CREDENTIALS_DIR"] = str(credentials_dir)
+    if slow_text:
+        env["STADI_SLOWDOWN"] = slow_text
     if device == "cpu":
         # Ranks share the cores: without a cap every rank starts one thread per core and they thrash.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
@@ -563,7 +582,7 @@ def run_command(args: argparse.Namespace) -> int:
             credentials_dir=Path(args.credentials_dir) if args.credentials_dir else None,
             progress_bar=False if args.no_progress else None, verbose=args.verbose,
             log_level=getattr(args, "log_level", "WARNING") or "WARNING",
-            timeout_s=job.spec.active_deadline_seconds,
+            timeout_s=job.spec.active_deadline_seconds, slowdown=getattr(args, "slowdown", None) or (),
         )
     except (WorkerError, StorageError) as error:
         print(f"stadi run: {one_line(error)}", file=sys.stderr)

@@ -59,10 +59,15 @@ class RankRecord(_Base):
 
 
 class PlanRecord(_Base):
-    """The plan the job started with and the one it ended with (they differ once re-planning lands)."""
+    """The plan the job started with and the one it ended with (they differ when the re-plan after the
+    first image's warmup predicted a gain above ``replanThreshold``)."""
 
     initial: Plan
     final: Plan
+    measured_speeds: list[float] | None = Field(
+        None, description="Per rank, from the warmup compute times, on the catalogue's scale (H100 = 1.0).")
+    predicted_gain: float | None = Field(None, description="(old - new) / old predicted seconds at those speeds.")
+    replanned: bool = False
 
 
 class Timings(_Base):

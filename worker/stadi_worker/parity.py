@@ -2,8 +2,10 @@
 
 ``python -m stadi_worker.parity CONFIG.json`` on every rank (torchrun env). The config holds ``spec`` (a
 DiffusionJobSpec document), ``prompt``, ``seed``, ``device``, ``cache_dir``, ``out`` and ``runs``: a list of
-``{"name", "plan" (a Plan document, or null for the serial reference on rank 0), "exact"}``. Rank 0 writes
-``out/NAME.pt`` with the final latent and every rank's step times. The CPU tests and the GPU fidelity
+``{"name", "plan" (a Plan document, or null for the serial reference on rank 0), "exact", "replan",
+"slowdown" ({rank: factor})}``. Rank 0 writes ``out/NAME.pt`` with the final latent, the decoded image in
+[0, 1], every rank's step times, model evaluations and exchange points, the final plan and the measured
+speeds. The CPU tests and the GPU fidelity
 benchmark both use it.
 """
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, Plan
 from stadi_worker.generate import generate, generate_serial
-from stadi_worker.pipelines import load_pipeline
+from stadi_worker.pipelines import FamilyOps, load_pipeline
 from stadi_worker.runtime import init_from_env, shutdown
 
 
@@ -43,18 +45,28 @@ def run(config: dict[str, Any]) -> None:
             if entry.get("plan") is None:
                 if ctx.rank == 0:
                     res = generate_serial(pipe, spec, config["prompt"], config["seed"])
-                    torch.save({"latents": res.latents, "step_ms": [res.step_ms]}, out / f"{entry['name']}.pt")
+                    torch.save({"latents": res.latents, "step_ms": [res.step_ms], "evals": [res.evals],
+                                "image": FamilyOps(pipe, spec.model.family).decode_tensor(res.latents)},
+                               out / f"{entry['name']}.pt")
                 if ctx.world_size > 1:
                     dist.barrier()
                 continue
             plan = Plan.model_validate(entry["plan"])
-            res = generate(pipe, spec, plan, ctx, config["prompt"], config["seed"], exact=entry.get("exact", False))
-            times: list[list[float]] = [res.step_ms]
+            slow = {int(k): float(v) for k, v in (entry.get("slowdown") or {}).items()}
+            res = generate(pipe, spec, plan, ctx, config["prompt"], config["seed"], exact=entry.get("exact", False),
+                           replan_after_warmup=entry.get("replan", False), slowdown=slow.get(ctx.rank, 1.0))
+            mine = (res.step_ms, res.evals, res.exchanges)
+            every: list[Any] = [mine]
             if ctx.world_size > 1:
-                times = [None] * ctx.world_size  # type: ignore[list-item]
-                dist.all_gather_object(times, res.step_ms)
+                every = [None] * ctx.world_size
+                dist.all_gather_object(every, mine)
             if ctx.rank == 0:
-                torch.save({"latents": res.latents, "step_ms": times}, out / f"{entry['name']}.pt")
+                torch.save({"latents": res.latents, "step_ms": [e[0] for e in every],
+                            "evals": [e[1] for e in every], "exchanges": [e[2] for e in every],
+                            "image": FamilyOps(pipe, spec.model.family).decode_tensor(res.latents),
+                            "plan": (res.plan or plan).model_dump(mode="json"),
+                            "measured_speeds": res.measured_speeds, "replanned": res.replanned},
+                           out / f"{entry['name']}.pt")
     finally:
         shutdown(ctx)
 

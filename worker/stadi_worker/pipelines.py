@@ -207,15 +207,21 @@ class FamilyOps:
         return self.pipe.unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"],
                               added_cond_kwargs=added, return_dict=False)[0]
 
-    def decode(self, latents: torch.Tensor) -> Any:
-        """Full latent (batch 1) -> PIL image."""
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with torch.no_grad():
             x = latents.to(vae.dtype) / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None) is not None:
                 x = x + vae.config.shift_factor
-            image = vae.decode(x, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+            return vae.decode(x, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> Any:
+        """Full latent (batch 1) -> PIL image."""
+        return self.pipe.image_processor.postprocess(self._vae_decode(latents), output_type="pil")[0]
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Full latent (batch 1) -> float image (1, 3, H, W) in [0, 1] (fidelity metrics, no 8-bit rounding)."""
+        return (self._vae_decode(latents).float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
 def batch_branches(branches: dict[str, dict[str, torch.Tensor]], order: list[str]) -> dict[str, torch.Tensor]:

@@ -115,10 +115,10 @@ def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
         raise ValueError(f"plan has {plan.steps} steps but the job asks for {spec.steps}")
     if plan.warmup_steps > spec.steps:
         raise ValueError(f"plan warmup {plan.warmup_steps} exceeds the {spec.steps} steps")
-    if any(r.stride != 1 for r in plan.ranks):
-        raise ValueError("strides > 1 (strided sub-grids) are not supported by this worker yet; "
-                         f"strides: {[r.stride for r in plan.ranks]}")
     branches = {r.branch for r in plan.ranks}
+    if any(r.stride != 1 for r in plan.ranks) and branches != {"both"}:
+        # a condition split swaps predictions at every step: every rank must take every step
+        raise ValueError(f"strides > 1 need a plan without condition split; strides: {[r.stride for r in plan.ranks]}")
     if branches != {"both"}:
         if "both" in branches or branches != {"cond", "uncond"}:
             raise ValueError(f"a condition-split plan needs ranks of both branches cond and uncond and no "

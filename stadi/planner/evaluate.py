@@ -1,0 +1,40 @@
+"""Predicted latency of an existing plan at given (measured) speeds: the worker's re-plan compares it with
+the planner's fresh answer to decide whether re-cutting the bands pays (``replanThreshold``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from stadi.api import Plan
+from stadi.families import profile
+from stadi.planner.cost import CostModel
+from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_seconds
+
+
+def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride: int, min_effective: int,
+                    link_gbytes_per_s: float) -> float:
+    """Seconds the planner's cost model predicts for ``plan`` with rank ``r`` at ``speeds[r]`` (the same
+    formulas the strategies use to rank candidates)."""
+    if len(speeds) != len(plan.ranks) or any(v <= 0 for v in speeds):
+        raise ValueError(f"need one positive speed per rank, got {list(speeds)}")
+    fam = profile(plan.family)
+    cost = CostModel(fam, plan.latent_height, plan.latent_width, link_gbytes_per_s)
+    pb = Problem(cost, plan.steps, warmup, plan.guidance, max_stride, min_effective, fixed_link=True)
+    groups = []
+    for branch in sorted({r.branch for r in plan.ranks}):
+        ranks = sorted((r for r in plan.ranks if r.branch == branch), key=lambda r: r.rows[0])
+        groups.append(Group(
+            tuple(Slot(r.gpu, speeds[r.rank], r.node, r.rank) for r in ranks),
+            tuple(r.height // fam.granularity for r in ranks),
+            tuple(r.stride for r in ranks),
+            branch,
+            pb.batch if branch == "both" else 1,
+        ))
+    times = [_times(pb, g) for g in groups]
+    if plan.strategy == "single":
+        return plan.steps * times[0][0] / 1e3
+    swap = cost.latent_exchange_ms() if len(groups) > 1 else 0.0
+    if plan.strategy == "cfg":
+        return plan.steps * (max(t[0] for t in times) + swap) / 1e3
+    return _windowed_seconds(pb, max(t[0] for t in times) + swap, max(t[1] for t in times) + swap,
+                             plan.sync_period)
