@@ -178,7 +178,7 @@ class Resources(Model):
 class PodTemplate(Model):
     """What the worker pods look like."""
 
-    image: str = "ghcr.io/stadi-dev/stadi-worker:latest"
+    image: str | None = Field(None, description="Worker image; the operator's default worker image when unset.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)

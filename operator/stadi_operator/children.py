@@ -13,9 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from stadi import __version__
 from stadi.api import API_VERSION, GROUP, DiffusionJobSpec, Plan
 
 APP = "stadi-worker"
+# The worker image when neither the job nor the operator names one (the chart sets the operator's).
+DEFAULT_WORKER_IMAGE = f"ghcr.io/stadi-dev/stadi-worker:{__version__}"
 LABEL_APP = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB = "stadi.dev/job"
@@ -49,7 +52,7 @@ class Owner:
 class WorkerOptions:
     """Operator-wide choices that shape the worker pods."""
 
-    image: str | None = None  # used when the job leaves spec.template.image at its default
+    image: str | None = None  # used when the job leaves spec.template.image unset
     port: int = 29500
     volcano: bool = False
     run_as_user: int = 1000
@@ -225,7 +228,7 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
     """One worker pod: pinned to its planned node, requesting exactly that node's planned GPUs."""
     template = spec.template
     name = pod_name(owner.name, attempt, slot.index)
-    image = template.image if "image" in template.model_fields_set or not options.image else options.image
+    image = template.image or options.image or DEFAULT_WORKER_IMAGE
     gpu = {template.gpu_resource: str(slot.gpus)}
     command = [
         "torchrun", f"--nnodes={pods}", f"--nproc-per-node={slot.gpus}", f"--node-rank={slot.index}",

@@ -630,9 +630,15 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
     logger.info(f"stadi operator ready: volcano={memo.runtime.volcano}")
 
 
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> kopf.OperatorRegistry:
-    """Wire the handlers into a registry (no import-time registration: the timer interval is a setting)."""
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
+             login: Callable[..., Any] = kopf.login_via_client) -> kopf.OperatorRegistry:
+    """Wire the handlers into a registry (no import-time registration: the timer interval is a setting).
+
+    A registry of our own has no login handler, so one is always added: by default the kubernetes client's
+    (in-cluster service account, else the kubeconfig).
+    """
     backoff = settings.retry_backoff
+    kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(startup)
     kopf.index("nodes", registry=registry)(stadi_nodes)
     kopf.index("pods", registry=registry)(stadi_gpu_pods)

@@ -38,7 +38,8 @@ class OperatorSettings(BaseSettings):
     )
     # kopf's hanging-watch pitfall: without these a watch silently stalled by a proxy or load balancer is never
     # noticed; the server closes each watch after server_timeout and the client gives up shortly after.
-    watch_server_timeout: float = Field(300.0, gt=0)
+    # Whole seconds: the apiserver rejects a fractional timeoutSeconds on a watch.
+    watch_server_timeout: int = Field(300, gt=0)
     watch_client_timeout: float = Field(330.0, gt=0)
     watch_connect_timeout: float = Field(10.0, gt=0)
     request_timeout: float = Field(30.0, gt=0, description="Timeout of one API request (children, events).")

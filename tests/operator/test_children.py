@@ -55,7 +55,7 @@ def test_pods_follow_the_plan_node_by_node() -> None:
     assert a["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert a["restartPolicy"] == "Never"
     assert a["serviceAccountName"] == "cats-worker"
-    assert a["containers"][0]["image"] == "ghcr.io/stadi-dev/stadi-worker:latest"
+    assert a["containers"][0]["image"] == ch.DEFAULT_WORKER_IMAGE == "ghcr.io/stadi-dev/stadi-worker:0.1.0"
 
 
 def test_torchrun_command_rendezvous_on_rank0_dns() -> None:

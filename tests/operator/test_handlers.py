@@ -496,3 +496,6 @@ async def test_registration_wires_every_handler() -> None:
     assert [(t.id, t.interval) for t in timers] == [("reconcile", 7)]
     assert {h.id for h in registry._indexing.get_all_handlers()} == {"stadi_nodes", "stadi_gpu_pods",
                                                                      "stadi_telemetry"}
+    # A registry of our own has no login handler unless register() adds one: without it kopf cannot connect.
+    logins = list(registry._activities.get_all_handlers())
+    assert [h.fn for h in logins if h.activity.value == "authentication"] == [kopf.login_via_client]

@@ -56,12 +56,11 @@ async def test_kopf_runs_a_job_from_create_to_succeeded(kmock: kmocklib.Kubernet
     url = str(server.url).rstrip("/")
     settings = OperatorSettings(reconcile_interval=0.2, watch_server_timeout=5, watch_client_timeout=6)
     runtime = Runtime(settings, Kube.for_host(url, timeout=5), clock=lambda: datetime.now(UTC))
-    registry = handlers.register(kopf.OperatorRegistry(), settings)
 
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=url, insecure=True)
 
-    kopf.on.login(registry=registry)(login)
+    registry = handlers.register(kopf.OperatorRegistry(), settings, login=login)
     stop = asyncio.Event()
     task = asyncio.create_task(kopf.operator(
         registry=registry, clusterwide=True, standalone=True, stop_flag=stop,

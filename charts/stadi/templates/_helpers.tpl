@@ -1,0 +1,120 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "stadi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object-name prefix: the release name, plus the chart name unless the release name holds it. */}}
+{{- define "stadi.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "stadi.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object; call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "stadi.labels" -}}
+helm.sh/chart: {{ include "stadi.chart" .ctx }}
+{{ include "stadi.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: stadi
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels; call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "stadi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stadi.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "stadi.operator.fullname" -}}
+{{- printf "%s-operator" (include "stadi.fullname" .) }}
+{{- end }}
+
+{{- define "stadi.agent.fullname" -}}
+{{- printf "%s-agent" (include "stadi.fullname" .) }}
+{{- end }}
+
+{{- define "stadi.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "stadi.operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "stadi.agent.serviceAccountName" -}}
+{{- if .Values.agent.serviceAccount.create }}
+{{- default (include "stadi.agent.fullname" .) .Values.agent.serviceAccount.name }}
+{{- else }}
+{{- required "agent.serviceAccount.name is required when agent.serviceAccount.create is false" .Values.agent.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference; call with (dict "image" .Values.x.image "ctx" $). A digest wins over the tag. */}}
+{{- define "stadi.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "stadi.workerImage" -}}
+{{- printf "%s:%s" .Values.operator.workerImage.repository (default .Chart.AppVersion .Values.operator.workerImage.tag) }}
+{{- end }}
+
+{{/*
+The operator's rights on DiffusionJobs and their children, exactly the API calls it makes (handlers.py, kube.py,
+kopf): one set of rules, bound cluster-wide (all namespaces) or per watched namespace.
+*/}}
+{{- define "stadi.operator.jobRules" -}}
+# kopf watches the jobs, keeps its progress in annotations (patch) and writes the status (patch of the
+# subresource); ttlSecondsAfterFinished deletes a finished job.
+- apiGroups: ["stadi.dev"]
+  resources: ["diffusionjobs"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# patch: kopf's status writes. It is also what the per-job worker Role grants, and RBAC lets the operator
+# create that Role only because it holds the right itself (escalation prevention).
+- apiGroups: ["stadi.dev"]
+  resources: ["diffusionjobs/status"]
+  verbs: ["patch"]
+# Children carry ownerReferences with blockOwnerDeletion: clusters running the
+# OwnerReferencesPermissionEnforcement admission plugin require this.
+- apiGroups: ["stadi.dev"]
+  resources: ["diffusionjobs/finalizers"]
+  verbs: ["update"]
+# Worker pods: created per attempt, listed and watched (inventory index, reconcile), deleted on retry,
+# patched only to adopt an orphan (ownerReferences).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Per-job children: created once, read back (idempotent create), patched to sync or adopt.
+- apiGroups: [""]
+  resources: ["configmaps", "services", "serviceaccounts"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if ne .Values.operator.volcano "off" }}
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- end }}
+{{- end }}
