@@ -12,17 +12,25 @@ export UV_PYTHON_DOWNLOADS := never
 export STADI_CACHE := $(CACHE)
 PYTEST_ARGS ?=
 
-.PHONY: run test lint setup plan crd clean
+.PHONY: run test lint setup testbin plan crd clean
+
+# The e2e tests' control-plane binaries (kube-apiserver & co. built from Go modules, etcd, kwok, kubectl, helm),
+# cached under $(CACHE)/testbin: about half an hour the first time on 2 cores, a second afterwards.
+# STADI_E2E=0 skips them (and the e2e tests skip themselves).
+TESTBIN := $(if $(filter 0,$(STADI_E2E)),,testbin)
 
 run: setup
 	$(VENV)/bin/stadi run manifests/examples/tiny-sdxl.yaml --ranks 2 --device cpu --output out/tiny
 
-test: setup
+test: setup $(TESTBIN)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+testbin: setup
+	$(VENV)/bin/python -m stadi_operator.devcluster.testbin
 
 setup: $(STAMP)
 

@@ -1,4 +1,5 @@
-"""The control plane's subcommands of ``stadi``: ``operator`` (kopf) and, when its module exists, ``agent``.
+"""The control plane's subcommands of ``stadi``: ``operator`` (kopf), ``dev-cluster`` and, when its module
+exists, ``agent``.
 
 Loaded by ``stadi.cli`` through the ``stadi.commands`` entry-point group; kopf and the kubernetes client are
 imported only when a command runs, so ``stadi --help`` stays fast.
@@ -51,6 +52,14 @@ def register_agent(subparsers: Any) -> None:
     module.add_parser(subparsers)
 
 
+def register_dev_cluster(subparsers: Any) -> None:
+    """``stadi dev-cluster prepare|up|down|status``: a local control plane with fake GPU nodes (standard library
+    only at import, so registering it costs nothing)."""
+    from stadi_operator.devcluster.cli import add_parser
+
+    add_parser(subparsers)
+
+
 def register(subparsers: Any) -> None:
     """Add ``operator`` (and ``agent`` when available) to the ``stadi`` command."""
     op = subparsers.add_parser(
@@ -65,3 +74,4 @@ def register(subparsers: Any) -> None:
     op.add_argument("--liveness", type=int, metavar="PORT", help="serve /healthz on this port")
     op.set_defaults(func=run_operator)
     register_agent(subparsers)
+    register_dev_cluster(subparsers)
