@@ -43,6 +43,12 @@ def _fidelity(args: argparse.Namespace) -> int:
     return command(args)
 
 
+def _speed(args: argparse.Namespace) -> int:
+    from stadi_worker.bench_speed import command
+
+    return command(args)
+
+
 def register(subparsers: Any) -> None:
     """Add ``run``, ``worker`` and ``bench fidelity`` to the ``stadi`` command."""
     run = subparsers.add_parser(
@@ -75,7 +81,7 @@ def register(subparsers: Any) -> None:
     add_worker_arguments(worker)
     worker.set_defaults(func=_worker)
 
-    bench = subparsers.add_parser("bench", help="worker benchmarks (fidelity of parallel plans)")
+    bench = subparsers.add_parser("bench", help="worker benchmarks (fidelity and speed of parallel plans)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     fidelity = bench_sub.add_parser(
         "fidelity", help="PSNR/SSIM of parallel plans against the serial run of the same seed",
@@ -85,3 +91,13 @@ def register(subparsers: Any) -> None:
 
     add_arguments(fidelity)
     fidelity.set_defaults(func=_fidelity)
+
+    speed = bench_sub.add_parser(
+        "speed", help="latency of single, patch, cfg, stadi, auto and the ideal bound on the local GPUs",
+        description="DESIGN section 8: every strategy side by side on the local GPUs, the last rank confined to "
+        "each --levels percent of the SMs through CUDA MPS (CPU: --slowdown pacing); random-weight models; "
+        "median of --runs after --warmup-runs; PSNR vs serial. Writes OUT_DIR/NAME.json (+ NAME.png).")
+    from stadi_worker.bench_speed import add_arguments as add_speed_arguments
+
+    add_speed_arguments(speed)
+    speed.set_defaults(func=_speed)

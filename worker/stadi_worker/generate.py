@@ -47,6 +47,7 @@ class GenerationResult:
     predicted_gain: float | None = None  # (old - new) / old predicted seconds at the measured speeds
     evals: list[int] = field(default_factory=list)  # base indices where this rank ran the denoiser
     exchanges: list[int] = field(default_factory=list)  # base indices where an exchange started
+    wait_ms: list[float] = field(default_factory=list)  # per step: time blocked in collectives (of step_ms)
 
 
 def initial_noise(shape: tuple[int, int, int], seed: int, sigma: float) -> torch.Tensor:
@@ -60,7 +61,8 @@ def _guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tens
 
 
 def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *,
-                    on_step: Callable[[int, int], None] | None = None, **_: Any) -> GenerationResult:
+                    on_step: Callable[[int, int], None] | None = None, decode: bool = True,
+                    **_: Any) -> GenerationResult:
     """One process, the same loop, no communication: the reference of every parallel run."""
     ops = FamilyOps(pipe, spec.model.family)
     guidance = spec.uses_cfg
@@ -75,8 +77,9 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
         return _guide(*out.chunk(2), spec.guidance_scale) if guidance else out
 
     latents = denoise_loop(sampler, latents, eps_fn, timer, on_step)
-    return GenerationResult(image=ops.decode(latents), latents=latents, step_ms=timer.ms(),
-                            evals=list(sampler.grid))
+    return GenerationResult(image=ops.decode(latents) if decode else None, latents=latents,
+                            step_ms=timer.ms(), evals=list(sampler.grid),
+                            wait_ms=[0.0] * len(sampler.grid))
 
 
 def _groups(plan: Plan, rank: int) -> tuple[list[int], Any]:
@@ -206,7 +209,7 @@ def _period(plan: Plan, exact: bool) -> int:
 def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
              exact: bool = False, on_step: Callable[[int, int], None] | None = None,
              replan_after_warmup: bool = False, on_replan: Callable[[GenerationResult], None] | None = None,
-             slowdown: float | None = None) -> GenerationResult:
+             slowdown: float | None = None, decode: bool = True) -> GenerationResult:
     """Generate one image of ``prompt`` under ``plan``; call on every rank of the group.
 
     Each rank denoises its band of latent rows; the first ``plan.warmup_steps`` steps (all of them with
@@ -214,20 +217,22 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
     each rank's strided sub-grid with the other bands' activations from the last exchange. With
     ``replan_after_warmup`` the warmup is profiled and the plan may change (``on_replan`` gets the measured
     speeds and the new plan on rank 0). ``slowdown`` (default: env STADI_SLOWDOWN) emulates a slower
-    device, for tests and benchmarks. The final latent is gathered and decoded on rank 0.
+    device, for tests and benchmarks. The final latent is gathered and (unless ``decode`` is False, as in
+    the speed benchmark) decoded on rank 0.
     """
     check_plan(plan, spec, ctx)
     if ctx.world_size == 1:
-        return generate_serial(pipe, spec, prompt, seed, on_step=on_step)
+        return generate_serial(pipe, spec, prompt, seed, on_step=on_step, decode=decode)
     factor = slowdown if slowdown is not None else slowdown_factor(ctx.rank)
     with green_context(factor, ctx.device):
         return _generate(pipe, spec, plan, ctx, prompt, seed, exact, on_step, replan_after_warmup, on_replan,
-                         Pacer(factor, ctx.device))
+                         Pacer(factor, ctx.device), decode)
 
 
 def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int,
               exact: bool, on_step: Callable[[int, int], None] | None, replan_after_warmup: bool,
-              on_replan: Callable[[GenerationResult], None] | None, pacer: Pacer) -> GenerationResult:
+              on_replan: Callable[[GenerationResult], None] | None, pacer: Pacer,
+              decode: bool = True) -> GenerationResult:
     ops = FamilyOps(pipe, spec.model.family)
     guidance = spec.uses_cfg
     branches = ops.encode(spec, prompt, guidance)
@@ -284,12 +289,13 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
     finally:
         bands.restore()
     result.step_ms = timer.ms()
+    result.wait_ms = [max(w - c, 0.0) for w, c in zip(result.step_ms, timer.compute_ms(), strict=True)]
     # final latent: gathered by band height; rank 0 assembles its own group's bands
     final = bands.gather_full(latents)
     if ctx.rank != 0:
         return result
     result.latents = final
-    result.image = ops.decode(final)
+    result.image = ops.decode(final) if decode else None
     return result
 
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The 2xH200 run of `stadi bench speed` (issue 5): install the carried wheels, a tiny GPU smoke run, then
+# SDXL and SD3 (one invocation each, so a slow second model cannot lose the first's figures), merged.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STADI_CACHE=/tmp/stadi-cache
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . > /tmp/pip-self.log 2>&1 || { echo "pip install . failed:"; tail -3 /tmp/pip-self.log; }
+export PATH=/tmp/site/bin:$PATH
+if ! python3 -c "import stadi_worker.bench_speed" 2>/dev/null; then  # fall back: the tree itself + entry points
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/worker
+  D=/tmp/site/stadi_local-0.dist-info; mkdir -p $D
+  printf 'Metadata-Version: 2.1\nName: stadi-local\nVersion: 0\n' > $D/METADATA
+  printf '[stadi.commands]\nworker = stadi_worker.commands:register\n' > $D/entry_points.txt
+fi
+S="python3 -m stadi.cli"
+OUT=${OUT:-/tmp/out}; W=/tmp/sp; mkdir -p $OUT $W; LOG=$OUT/run.log
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -m stadi.cli bench speed --help >/dev/null || exit 1
+if [ -n "${PREBUILD:-sd3}" ]; then  # build the SD3 random pipeline in the background while SDXL runs
+(OMP_NUM_THREADS=6 python3 -c "
+import torch; torch.set_num_threads(6)
+from pathlib import Path; from stadi.api import ModelSource; from stadi_worker.pipelines import resolve_source
+resolve_source(ModelSource(family='${PREBUILD:-sd3}', source='random://full', dtype='float16'), Path('/tmp/stadi-cache/models'))
+" > $W/build.log 2>&1 &)
+fi
+if [ "${SMOKE:-1}" = 1 ]; then
+  timeout 90 $S bench speed --device cuda --size tiny --models sdxl --height 256 --steps 10 --levels 100,50 \
+    --runs 1 --warmup-runs 1 --min-effective-steps 4 --out-dir $W --name smoke-gpu --no-plot > $W/smoke.log 2>&1
+  echo "smoke rc=$?"; tail -25 $W/smoke.log; cat $W/smoke.log >> $LOG
+fi
+A="--device cuda --steps ${STEPS:-50} --runs ${RUNS:-3} --warmup-runs 1 --out-dir $OUT --no-plot"
+for m in ${MODELS:-sdxl sd3}; do  # LEVELS_sdxl / TMO_sdxl etc. override per model
+  lv=$(eval echo \${LEVELS_$m:-${LEVELS:-100,50,25}}); tmo=$(eval echo \${TMO_$m:-${TMO:-250}})
+  timeout $tmo $S bench speed $A --levels $lv --models $m --name speed-$m${TAG:-} > $W/speed-$m.log 2>&1
+  echo "$m rc=$?"; tail -14 $W/speed-$m.log; cat $W/speed-$m.log >> $LOG
+done
+cat $W/build.log >> $LOG 2>/dev/null
+ls $OUT/speed-*.json >/dev/null 2>&1 && python3 -m stadi_worker.bench_speed --merge $OUT/speed-*.json $OUT/${NAME:-bench-2xh200}.json
+ls -la $OUT

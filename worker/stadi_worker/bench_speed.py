@@ -1,0 +1,571 @@
+"""``stadi bench speed``: latency of every strategy side by side on the local GPUs (DESIGN section 8).
+
+One invocation measures, per model and heterogeneity level: ``single`` (each rank alone, concurrently; rank
+0 is the fastest GPU), ``patch`` (equal rows), ``cfg`` (condition split), ``stadi`` (the planner's stadi plan
+at the speeds measured by this run's single-GPU steps), ``auto`` (the planner's choice at catalogue speeds,
+re-planned after the warmup from measured speeds: what a cold job gets) and the ideal bound
+``T_single_fastest * v_fastest / sum(v)`` from the same run's single-GPU step times.
+
+Heterogeneity: on a GPU the last rank is confined to LEVEL percent of the SMs through CUDA MPS (an MPS
+control daemon started by this harness, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` set in that rank's
+environment: no code in the engine); on the CPU (smoke tests) ``--slowdown RANK=FACTOR`` paces compute.
+
+One process per rank and level (``python -m stadi_worker.bench_speed CONFIG.json``): each model loads once
+and every strategy reuses the loaded pipeline. Each figure is the median of ``--runs`` runs after
+``--warmup-runs`` untimed ones; latency is wall time from the first to the last rank's return (text encoding
+and denoising loop, final latent gathered, no VAE decode, as the peer measures). Fidelity: PSNR/SSIM of each
+strategy's decoded image against rank 0's serial image of the same seed (VAE in fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+STRATEGIES_MEASURED = ("single", "patch", "cfg", "stadi", "auto")
+DEFAULT_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+# --- the rank side -------------------------------------------------------------------------------------
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gather(ctx: Any, obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if ctx.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(ctx: Any) -> None:
+    import torch.distributed as dist
+
+    if ctx.world_size > 1:
+        if ctx.backend == "nccl":
+            dist.barrier(device_ids=[ctx.device.index])
+        else:
+            dist.barrier()
+
+
+def _plan_for(spec: Any, name: str, world: int, speeds: list[float] | None, gpu: str) -> Any:
+    """The plan of strategy ``name`` on ``world`` ranks (``speeds``: measured, None: the catalogue's)."""
+    from stadi.planner import LINKS, Device, PlanRequest, plan
+
+    link = LINKS["pcie"] if gpu.upper().startswith("CPU") else None
+    request = replace(PlanRequest.from_spec(spec, link), strategy=name, gpus_min=world, gpus_max=world)
+    pool = [Device(gpu, node="local", index=i, speed=(speeds[i] if speeds else (1.0 if gpu == "CPU" else None)))
+            for i in range(world)]
+    p = plan(request, pool)
+    # the planner numbers ranks fastest first; our processes are fixed: rank r runs device index r
+    by_proc = sorted(p.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
+    ranks = [r.model_copy(update={"rank": i, "gpu_index": i}) for i, r in enumerate(by_proc)]
+    p = p.model_copy(update={"ranks": ranks})
+    p.validate_for(world)
+    return p
+
+
+def _describe(p: Any) -> dict[str, Any]:
+    return {"strategy": p.strategy, "rows": [list(r.rows) for r in p.ranks], "strides": [r.stride for r in p.ranks],
+            "branches": [r.branch for r in p.ranks], "sync_period": p.sync_period}
+
+
+def _one_run(ctx: Any, fn: Any) -> tuple[Any, float]:
+    _barrier(ctx)
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    res = fn()
+    _sync(ctx.device)
+    return res, (time.perf_counter() - t0) * 1e3
+
+
+def _measure(ctx: Any, fn: Any, warmup_runs: int, runs: int) -> dict[str, Any]:
+    """Run ``fn`` warmup_runs + runs times on every rank; per timed run every rank's wall and step times."""
+    for _ in range(warmup_runs):
+        _one_run(ctx, fn)
+    walls, steps, waits = [], [], []
+    first = None
+    for i in range(runs):
+        res, wall = _one_run(ctx, fn)
+        if i == 0:
+            first = res
+        every = _gather(ctx, (wall, [round(x, 3) for x in res.step_ms], [round(x, 3) for x in res.wait_ms]))
+        walls.append([round(e[0], 3) for e in every])
+        steps.append([e[1] for e in every])
+        waits.append([e[2] for e in every])
+    lat = [max(w) for w in walls]
+    return {"latency_ms": round(statistics.median(lat), 3), "latency_runs_ms": lat, "wall_ms": walls,
+            "step_ms": steps, "wait_ms": waits, "_first": first}
+
+
+def _breakdown(entry: dict[str, Any]) -> list[dict[str, float]]:
+    """Per rank, medians over the timed runs: denoiser compute, blocked in collectives, everything else."""
+    out = []
+    for r in range(len(entry["wall_ms"][0])):
+        comp, wait, other = [], [], []
+        for run in range(len(entry["wall_ms"])):
+            s, w = sum(entry["step_ms"][run][r]), sum(entry["wait_ms"][run][r])
+            comp.append(s - w)
+            wait.append(w)
+            other.append(entry["wall_ms"][run][r] - s)
+        steps = entry["step_ms"][0][r]
+        out.append({"compute_ms": round(statistics.median(comp), 2), "comm_wait_ms": round(statistics.median(wait), 2),
+                    "other_ms": round(statistics.median(other), 2), "evals": len(steps),
+                    "median_step_ms": round(statistics.median(steps), 3) if steps else 0.0})
+    return out
+
+
+def run_rank(config: dict[str, Any]) -> None:
+    """Every model and strategy of one level on this rank; rank 0 writes ``config['out']``."""
+    import torch
+
+    from stadi.api import DiffusionJobSpec
+    from stadi_worker.fidelity import psnr, ssim
+    from stadi_worker.generate import generate, generate_serial, step_cost_at_unit_speed
+    from stadi_worker.pipelines import FamilyOps, load_pipeline
+    from stadi_worker.runtime import init_from_env, shutdown
+
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    ctx = init_from_env(config["device"])
+    slow = {int(k): float(v) for k, v in (config.get("slowdown") or {}).items()}
+    factor = slow.get(ctx.rank, 1.0)
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
+    gpus = _gather(ctx, gpu)
+    catalogue_gpu = "H200" if ctx.device.type == "cuda" and all("H200" in g for g in gpus) else (
+        "H100" if ctx.device.type == "cuda" else "CPU")
+    report: dict[str, Any] = {"level": config["level"], "gpus": gpus, "models": {}}
+    prompt, seed = config["prompt"], config["seed"]
+    try:
+        for model_doc in config["models"]:
+            spec = DiffusionJobSpec.model_validate(model_doc)
+            family = spec.model.family
+            t_load = time.perf_counter()
+            pipe = load_pipeline(spec.model, ctx.device, Path(config["cache_dir"]))
+            if ctx.device.type == "cuda":
+                pipe.vae.to(torch.float32)  # decode for fidelity only (untimed); fp16 VAEs overflow
+            load_s = time.perf_counter() - t_load
+            ops = FamilyOps(pipe, family)
+            res: dict[str, Any] = {"load_s": round(load_s, 2), "strategies": {}}
+            images: dict[str, Any] = {}
+            world = ctx.world_size
+            warm, runs = int(config["warmup_runs"]), int(config["runs"])
+
+            def slow_serial(spec: Any = spec, pipe: Any = pipe) -> Any:
+                from stadi_worker.emulate import Pacer
+                if factor > 1.0 and ctx.device.type == "cpu":
+                    # CPU emulation of a slow device for the single-GPU time: pace every step
+                    return _paced_serial(pipe, spec, prompt, seed, Pacer(factor, ctx.device))
+                return generate_serial(pipe, spec, prompt, seed, decode=False)
+
+            # single: every rank alone at once (rank 0 at full speed is the fastest GPU)
+            entry = _measure(ctx, slow_serial, warm, runs)
+            first = entry.pop("_first")
+            if ctx.rank == 0:
+                images["single"] = ops.decode_tensor(first.latents)
+            entry["breakdown"] = _breakdown(entry)
+            entry["latency_runs_ms"] = [r[0] for r in entry["wall_ms"]]  # rank 0 alone: the fastest GPU
+            entry["latency_ms"] = round(statistics.median(entry["latency_runs_ms"]), 3)
+            entry["per_rank_latency_ms"] = [round(statistics.median(r[i] for r in entry["wall_ms"]), 3)
+                                            for i in range(world)]
+            step_med = [statistics.median(s for run in entry["step_ms"] for s in run[i]) for i in range(world)]
+            entry["per_rank_step_ms"] = [round(s, 3) for s in step_med]
+            res["strategies"]["single"] = entry
+            # speeds on the catalogue's scale from the full-frame serial steps
+            serial_plan = _plan_for(spec, "patch", world, None, catalogue_gpu) if world > 1 else None
+            if serial_plan is not None:
+                full = serial_plan.model_copy(update={"ranks": [serial_plan.ranks[0].model_copy(
+                    update={"rows": (0, serial_plan.latent_height)})]})
+                unit = step_cost_at_unit_speed(full, 0, spec.uses_cfg)
+            else:
+                unit = 1.0
+            speeds = [unit / max(s, 1e-6) for s in step_med]
+            res["measured_speeds"] = [round(v, 6) for v in speeds]
+            v = [1.0 / max(s, 1e-9) for s in step_med]
+            fastest = max(range(world), key=lambda i: v[i])
+            t_fast = entry["per_rank_latency_ms"][fastest]
+            res["ideal_ms"] = round(t_fast * v[fastest] / sum(v), 3)
+            if world > 1:
+                for name in config["strategies"]:
+                    if name == "single":
+                        continue
+                    try:
+                        p = _plan_for(spec, name, world, speeds if name == "stadi" else None, catalogue_gpu)
+                    except ValueError as error:
+                        res["strategies"][name] = {"error": str(error)}
+                        continue
+                    replan_flag = name == "auto"
+
+                    def fn(p: Any = p, replan_flag: bool = replan_flag, spec: Any = spec, pipe: Any = pipe) -> Any:
+                        return generate(pipe, spec, p, ctx, prompt, seed, replan_after_warmup=replan_flag,
+                                        slowdown=factor, decode=False)
+
+                    try:
+                        entry = _measure(ctx, fn, warm, runs)
+                    except Exception as error:  # one strategy failing must not lose the others' figures
+                        if ctx.world_size > 1:
+                            raise
+                        res["strategies"][name] = {"error": f"{type(error).__name__}: {error}"}
+                        continue
+                    first = entry.pop("_first")
+                    entry["plan"] = _describe(p)
+                    if first.plan is not None and first.plan is not p:
+                        entry["final_plan"] = _describe(first.plan)
+                    if first.measured_speeds is not None:
+                        entry["warmup_speeds"] = first.measured_speeds
+                    entry["breakdown"] = _breakdown(entry)
+                    if ctx.rank == 0:
+                        images[name] = ops.decode_tensor(first.latents)
+                    res["strategies"][name] = entry
+            if ctx.rank == 0:
+                ref = images["single"]
+                for name, img in images.items():
+                    if name == "single":
+                        continue
+                    res["strategies"][name]["psnr"] = round(min(psnr(img, ref), 100.0), 3)
+                    res["strategies"][name]["ssim"] = round(ssim(img, ref), 6)
+            report["models"][family] = res
+            del pipe, ops, images
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            _barrier(ctx)
+        if ctx.rank == 0:
+            Path(config["out"]).write_text(json.dumps(report, indent=1))
+    finally:
+        shutdown(ctx)
+
+
+def _paced_serial(pipe: Any, spec: Any, prompt: str, seed: int, pacer: Any) -> Any:
+    """generate_serial with CPU pacing of every step (the CPU stand-in for a slower device's single time)."""
+    from stadi_worker import generate as g
+
+    res = g.generate_serial(pipe, spec, prompt, seed, decode=False)
+    total = sum(res.step_ms)
+    time.sleep((pacer.factor - 1.0) * total / 1e3)
+    res.step_ms = [s * pacer.factor for s in res.step_ms]
+    return res
+
+
+# --- the orchestrator ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mps_daemon(enabled: bool, workdir: Path) -> Iterator[dict[str, str]]:
+    """Start an MPS control daemon (pipe and log dirs under ``workdir``); yields the env its clients need."""
+    if not enabled:
+        yield {}
+        return
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        raise RuntimeError("CUDA MPS levels need nvidia-cuda-mps-control on PATH")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(workdir / "mps_pipe"), "CUDA_MPS_LOG_DIRECTORY": str(workdir / "mps_log")}
+    for d in env.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    full = dict(os.environ, **env)
+    subprocess.run([exe, "-d"], env=full, check=True)
+    try:
+        yield env
+    finally:
+        subprocess.run([exe], input=b"quit\n", env=full, check=False)
+        time.sleep(1.0)
+
+
+def launch_level(world: int, config: dict[str, Any], workdir: Path, extra_env: dict[str, str],
+                 rank_env: dict[int, dict[str, str]], timeout_s: float) -> None:
+    """Run ``python -m stadi_worker.bench_speed CONFIG`` on ``world`` local ranks."""
+    from stadi_worker.launch import free_port
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"config-{config['level']}.json"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               **extra_env)
+    if config["device"] == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    procs = [subprocess.Popen([sys.executable, "-m", "stadi_worker.bench_speed", str(path)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), **rank_env.get(r, {})))
+             for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        raise RuntimeError(f"level {config['level']}: ranks failed with exit codes {codes}")
+
+
+def _versions() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cuda": torch.version.cuda, "host": platform.node()}
+    with contextlib.suppress(Exception):
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        info["nvidia_smi"] = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        if info["nvidia_smi"]:
+            info["driver"] = info["nvidia_smi"][0].split(",")[1].strip()
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
+        info["topology"] = out.stdout.strip().splitlines()[:4]
+    return info
+
+
+def summarize(levels: dict[str, Any]) -> dict[str, Any]:
+    """Targets of issue 5 from the per-level results."""
+    worst = None
+    reduction: dict[str, dict[str, float]] = {}
+    ratio: dict[str, dict[str, float]] = {}
+    homo: dict[str, float] = {}
+    psnr_gap: dict[str, dict[str, float]] = {}
+    for level, data in levels.items():
+        for family, res in data["models"].items():
+            st = res["strategies"]
+            ideal = res.get("ideal_ms")
+            s = st.get("stadi", {}).get("latency_ms")
+            p = st.get("patch", {}).get("latency_ms")
+            if s and ideal:
+                r = s / ideal
+                ratio.setdefault(family, {})[level] = round(r, 4)
+                worst = r if worst is None else max(worst, r)
+            if s and p:
+                reduction.setdefault(family, {})[level] = round(1.0 - s / p, 4)
+            if "psnr" in st.get("stadi", {}) and "psnr" in st.get("patch", {}):
+                psnr_gap.setdefault(family, {})[level] = round(st["patch"]["psnr"] - st["stadi"]["psnr"], 3)
+            if level in ("100", "1", "1.0", "homogeneous"):
+                best = min((st[n]["latency_ms"] for n in ("patch", "cfg", "stadi", "auto")
+                            if "latency_ms" in st.get(n, {})), default=None)
+                single = st.get("single", {}).get("latency_ms")
+                if best and single and s:
+                    homo[family] = round(single / s, 4)
+                    homo[family + "_best_strategy"] = round(single / best, 4)
+    return {"worst_stadi_over_ideal": round(worst, 4) if worst is not None else None,
+            "stadi_over_ideal": ratio, "stadi_vs_patch_reduction": reduction, "homogeneous_speedup": homo,
+            "psnr_patch_minus_stadi_db": psnr_gap}
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Latency per strategy per level (grouped bars, one panel per model), ideal bound as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    levels = list(result["levels"])
+    families = sorted({f for lv in result["levels"].values() for f in lv["models"]})
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    names = list(STRATEGIES_MEASURED)
+    width = 0.8 / len(names)
+    for ax, family in zip(axes[0], families, strict=True):
+        for j, name in enumerate(names):
+            ys = [result["levels"][lv]["models"].get(family, {}).get("strategies", {}).get(name, {})
+                  .get("latency_ms", float("nan")) / 1e3 for lv in levels]
+            ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(levels))], ys, width, label=name)
+        ideal = [result["levels"][lv]["models"].get(family, {}).get("ideal_ms", float("nan")) / 1e3 for lv in levels]
+        for i, y in enumerate(ideal):
+            ax.hlines(y, i - 0.45, i + 0.45, colors="k", linestyles="--", label="ideal bound" if i == 0 else None)
+        ax.set_xticks(range(len(levels)))
+        ax.set_xticklabels([f"rank 1 at {lv}%" if result.get("slowdown_kind") == "mps" else f"level {lv}"
+                            for lv in levels])
+        ax.set_ylabel("latency per image (s)")
+        ax.set_title(f"{family}, {result['height']}x{result['width']}, {result['steps']} steps")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None) -> dict[str, Any]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = args.ranks or (torch.cuda.device_count() if device == "cuda" else 2)
+    if world < 2:
+        raise ValueError(f"stadi bench speed needs at least 2 ranks (got {world})")
+    models = []
+    for family in [f.strip() for f in args.models.split(",") if f.strip()]:
+        doc = {"model": {"family": family, "source": f"random://{args.size}", "dtype": args.dtype},
+               "prompts": [args.prompt], "height": args.height, "width": args.width or args.height,
+               "steps": args.steps, "guidanceScale": args.guidance, "seed": args.seed,
+               "parallelism": {"warmupSteps": args.warmup_steps, "maxStride": args.max_stride,
+                               "minEffectiveSteps": min(args.min_effective_steps, args.steps)},
+               "output": {"uri": "file:///tmp/stadi-bench-speed"}}
+        from stadi.api import DiffusionJobSpec
+
+        DiffusionJobSpec.model_validate(doc)  # fail here, not in every rank
+        models.append(doc)
+    use_mps = device == "cuda" and not args.slowdown
+    if use_mps:
+        levels = [str(int(x)) for x in args.levels.split(",") if x.strip()]
+    else:  # CPU: "1" (homogeneous) and one level per --slowdown item's factor, on the last rank
+        levels = ["1"] + [s.split("=")[1] for s in args.slowdown]
+    from stadi_worker.job_runner import default_cache_dir
+
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    result: dict[str, Any] = {
+        "command": "stadi bench speed " + " ".join(shlex.quote(a) for a in (argv or [])),
+        "device": device, "ranks": world, "height": args.height, "width": args.width or args.height,
+        "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype, "size": args.size,
+        "runs": args.runs, "warmup_runs": args.warmup_runs, "slowdown_kind": "mps" if use_mps else "paced",
+        "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "levels": {},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM"))},
+    }
+    with tempfile.TemporaryDirectory(prefix="stadi-speed-") as tmp:
+        work = Path(tmp)
+        need_mps = use_mps and any(lv != "100" for lv in levels)
+        with mps_daemon(need_mps, work) as mps_env:
+            for level in levels:
+                t0 = time.perf_counter()
+                config = {"level": level, "device": device, "models": models, "prompt": args.prompt, "seed": args.seed,
+                          "cache_dir": str(cache), "warmup_runs": args.warmup_runs, "runs": args.runs,
+                          "strategies": list(STRATEGIES_MEASURED), "out": str(work / f"level-{level}.json"),
+                          "threads": args.threads}
+                rank_env: dict[int, dict[str, str]] = {}
+                if use_mps and level != "100":
+                    rank_env[world - 1] = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": level}
+                if not use_mps and level != "1":
+                    config["slowdown"] = {str(world - 1): float(level)}
+                launch_level(world, config, work, mps_env, rank_env, args.level_timeout)
+                data = json.loads(Path(config["out"]).read_text())
+                data["seconds"] = round(time.perf_counter() - t0, 1)
+                result["levels"][level] = data
+                print(f"level {level}: done in {data['seconds']} s", file=sys.stderr, flush=True)
+                print(format_table({"levels": {level: data}}), flush=True)
+                if on_level is not None:  # partial results survive a later level's failure or timeout
+                    result["summary"] = summarize(result["levels"])
+                    on_level(result)
+    result["summary"] = summarize(result["levels"])
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'level':<6} {'model':<5} " + " ".join(f"{n:>9}" for n in (*STRATEGIES_MEASURED, "ideal"))
+             + "  PSNR(patch/cfg/stadi/auto)"]
+    for level, data in result["levels"].items():
+        for family, res in data["models"].items():
+            st = res["strategies"]
+            cells = [f"{st.get(n, {}).get('latency_ms', float('nan')) / 1e3:>9.3f}" for n in STRATEGIES_MEASURED]
+            ps = "/".join(f"{st.get(n, {}).get('psnr', float('nan')):.1f}" for n in ("patch", "cfg", "stadi", "auto"))
+            lines.append(f"{level:<6} {family:<5} " + " ".join(cells) + f" {res['ideal_ms'] / 1e3:>9.3f}  {ps}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--models", default="sdxl,sd3", help="comma-separated families (random weights)")
+    parser.add_argument("--size", default="full", choices=("full", "tiny"), help="random://SIZE architectures")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
+    parser.add_argument("--ranks", type=int, help="ranks (default: every visible GPU; CPU: 2)")
+    parser.add_argument("--levels", default="100,50,25",
+                        help="GPU: percent of the SMs (CUDA MPS) of the last rank, one level each")
+    parser.add_argument("--slowdown", action="append", default=[], metavar="RANK=FACTOR",
+                        help="CPU smoke runs: paced slowdown of the last rank instead of MPS (one level per item)")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--warmup-steps", type=int, default=4, help="parallelism.warmupSteps of the job")
+    parser.add_argument("--max-stride", type=int, default=4)
+    parser.add_argument("--min-effective-steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per strategy (median)")
+    parser.add_argument("--warmup-runs", type=int, default=1, help="untimed runs per strategy first")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, help="torch threads per rank (CPU)")
+    parser.add_argument("--cache-dir", help="where random pipelines are built once (default: $STADI_CACHE/models)")
+    parser.add_argument("--level-timeout", type=float, default=1800.0, help="seconds per level before it is killed")
+    parser.add_argument("--name", default=None, help="results name: bench/results/NAME.json (default: speed-DEVICE)")
+    parser.add_argument("--out-dir", default="bench/results", help="where NAME.json and NAME.png go")
+    parser.add_argument("--no-plot", action="store_true", help="no PNG (e.g. when results are merged later)")
+
+
+def command(args: Any) -> int:
+    """``stadi bench speed``."""
+    argv = sys.argv[sys.argv.index("speed") + 1:] if "speed" in sys.argv else []
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"speed-{args.device or 'local'}"
+    path = out_dir / f"{name}.json"
+
+    def partial(result: dict[str, Any]) -> None:
+        path.write_text(json.dumps(dict(result, partial=True), indent=1) + "\n")
+
+    try:
+        result = run_bench(args, argv, partial)
+    except (ValueError, RuntimeError) as error:
+        print(f"stadi bench speed: {error}", file=sys.stderr)
+        return 1
+    result["plot"] = f"{name}.png" if not args.no_plot and plot(result, out_dir / f"{name}.png") else None
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {path}" + (f" and {out_dir / result['plot']}" if result["plot"] else ""))
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> dict[str, Any]:
+    """One result from several runs of the same harness (e.g. one model each): levels and models united,
+    the summary recomputed, the plot redrawn beside ``out``."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    result = dict(docs[0])
+    result["commands"] = [d["command"] for d in docs]
+    result["levels"] = {}
+    for d in docs:
+        for level, data in d["levels"].items():
+            into = result["levels"].setdefault(level, {**data, "models": {}})
+            into["models"].update(data["models"])
+    result["summary"] = summarize(result["levels"])
+    result["plot"] = out.with_suffix(".png").name if plot(result, out.with_suffix(".png")) else None
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) >= 3 and args[0] == "--merge":  # --merge A.json B.json ... OUT.json
+        print(json.dumps(merge([Path(a) for a in args[1:-1]], Path(args[-1]))["summary"], indent=1))
+        return 0
+    if len(args) != 1:
+        print("usage: python -m stadi_worker.bench_speed CONFIG.json", file=sys.stderr)
+        return 2
+    run_rank(json.loads(Path(args[0]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
