@@ -106,16 +106,15 @@ class Parallelism(Model):
 
     strategy: Strategy = Field("auto", description="auto picks the lowest predicted latency.")
     gpus: GpuRange = Field(default_factory=GpuRange)
-    warmup_steps: Annotated[
-        int, Field(ge=0, le=1000, description="Synchronous steps before re-planning; must be <= steps.")
-    ] = 4
+    warmup_steps: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        None, description="Synchronous steps before re-planning (default: min(4, steps)); must be <= steps."
+    )
     max_stride: Annotated[
         int, Field(ge=1, le=16, description="Largest temporal stride a slow GPU may get.")
     ] = 4
-    min_effective_steps: Annotated[
-        int,
-        Field(ge=1, le=1000, description="Fewest sampler steps any rank may run; must be <= steps."),
-    ] = 20
+    min_effective_steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="Fewest sampler steps any rank may run (default: min(20, steps)); must be <= steps."
+    )
     replan_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.05, description="Re-plan after warmup only when the predicted gain exceeds this fraction."
     )
@@ -253,11 +252,11 @@ class DiffusionJobSpec(Model):
                     f"{fam.vae_factor} px)"
                 )
         p = self.parallelism
-        if p.warmup_steps > self.steps:
+        if p.warmup_steps is not None and p.warmup_steps > self.steps:
             raise ValueError(
                 f"parallelism.warmupSteps ({p.warmup_steps}) must be <= steps ({self.steps})"
             )
-        if p.min_effective_steps > self.steps:
+        if p.min_effective_steps is not None and p.min_effective_steps > self.steps:
             raise ValueError(
                 f"parallelism.minEffectiveSteps ({p.min_effective_steps}) must be <= steps ({self.steps})"
             )
@@ -266,6 +265,18 @@ class DiffusionJobSpec(Model):
                 f"parallelism.strategy {p.strategy!r} splits the guidance branches and needs guidanceScale > 1"
             )
         return self
+
+    @property
+    def warmup_steps(self) -> int:
+        """Synchronous warmup steps: as set, else 4 (fewer for a shorter job)."""
+        w = self.parallelism.warmup_steps
+        return min(4, self.steps) if w is None else w
+
+    @property
+    def min_effective_steps(self) -> int:
+        """Fewest sampler steps any rank may run: as set, else 20 (fewer for a shorter job)."""
+        m = self.parallelism.min_effective_steps
+        return min(20, self.steps) if m is None else m
 
     @property
     def uses_cfg(self) -> bool:

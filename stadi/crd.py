@@ -88,8 +88,9 @@ def _granularity_rule(dimension: str) -> dict[str, str]:
 def _cel_rules() -> dict[str, list[dict[str, str]]]:
     """CEL rules by the name of the model (the ``$defs`` key) whose schema node carries them."""
     spec = api.DiffusionJobSpec
-    warmup = _field(api.Parallelism, "warmup_steps", "self.parallelism")
-    min_effective = _field(api.Parallelism, "min_effective_steps", "self.parallelism")
+    # Optional, defaulting to min(4 or 20, steps): checked only when set.
+    warmup = "self.parallelism.warmupSteps"
+    min_effective = "self.parallelism.minEffectiveSteps"
     strategy = _field(api.Parallelism, "strategy", "self.parallelism")
     steps = _field(spec, "steps")
     return {
@@ -105,11 +106,11 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
                 "message": "set exactly one of spec.prompts or spec.promptsFrom",
             },
             {
-                "rule": f"!has(self.parallelism) || {warmup} <= {steps}",
+                "rule": f"!has(self.parallelism) || !has({warmup}) || {warmup} <= {steps}",
                 "message": "spec.parallelism.warmupSteps must be <= spec.steps",
             },
             {
-                "rule": f"!has(self.parallelism) || {min_effective} <= {steps}",
+                "rule": f"!has(self.parallelism) || !has({min_effective}) || {min_effective} <= {steps}",
                 "message": "spec.parallelism.minEffectiveSteps must be <= spec.steps",
             },
             {

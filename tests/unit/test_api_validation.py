@@ -113,7 +113,7 @@ BAD: list[Bad] = [
         "spec.parallelism.maxStride: Input should be less than or equal to 16", True),
     Bad("warmup-above-steps", patched(spec__steps=8, spec__parallelism={"warmupSteps": 10}),
         "spec: parallelism.warmupSteps (10) must be <= steps (8)"),
-    Bad("min-effective-above-steps", patched(spec__steps=10),
+    Bad("min-effective-above-steps", patched(spec__steps=10, spec__parallelism={"minEffectiveSteps": 20}),
         "spec: parallelism.minEffectiveSteps (20) must be <= steps (10)"),
     Bad("cfg-without-guidance", patched(spec__guidanceScale=1, spec__parallelism={"strategy": "cfg"}),
         "spec: parallelism.strategy 'cfg' splits the guidance branches and needs guidanceScale > 1"),
@@ -168,7 +168,8 @@ def test_defaults() -> None:
     job = load_job(good_job())
     spec = job.spec
     assert spec.parallelism.strategy == "auto"
-    assert spec.parallelism.warmup_steps == 4
+    assert spec.parallelism.warmup_steps is None and spec.warmup_steps == 4
+    assert spec.parallelism.min_effective_steps is None and spec.min_effective_steps == 20
     assert spec.steps == 50
     assert spec.parallelism.gpus.min == 1
     assert spec.parallelism.gpus.max == 8
@@ -176,6 +177,15 @@ def test_defaults() -> None:
     assert spec.model.dtype == "float16"
     assert spec.template.gpu_resource == "nvidia.com/gpu"
     assert job.status is None
+
+
+def test_short_jobs_need_no_tuning() -> None:
+    """A 4-step job (a distilled model) is valid with the defaults: warmup and the effective-step floor
+    shrink to the job's length instead of failing validation."""
+    spec = load_job(patched(spec__steps=4)).spec
+    assert (spec.warmup_steps, spec.min_effective_steps) == (4, 4)
+    spec = load_job(patched(spec__steps=2)).spec
+    assert (spec.warmup_steps, spec.min_effective_steps) == (2, 2)
 
 
 GOOD: dict[str, dict[str, Any]] = {
