@@ -94,13 +94,17 @@ def node_info(body: Mapping[str, Any]) -> NodeInfo | None:
 
 
 def pod_usage(body: Mapping[str, Any]) -> tuple[str, PodUsage] | None:
-    """(node, usage) of a pod that holds devices; None for unbound or finished pods, or pods without any.
+    """(node, usage) of a pod that holds devices; None for finished pods, pods without any, or pods bound to
+    no node and pinned to none.
 
-    The effective request is the larger of the containers' sum and any single init container (the scheduler's
-    rule); for extended resources requests equal limits, and a limit alone implies the request.
+    A pod not yet bound but pinned to a node (`kubernetes.io/hostname` in its nodeSelector, as our worker
+    pods are) counts on that node already: otherwise jobs planned while another gang waits for the scheduler
+    would all pick the same free GPUs. The effective request is the larger of the containers' sum and any
+    single init container (the scheduler's rule); for extended resources requests equal limits, and a limit
+    alone implies the request.
     """
     spec = body.get("spec") or {}
-    node = spec.get("nodeName")
+    node = spec.get("nodeName") or (spec.get("nodeSelector") or {}).get("kubernetes.io/hostname")
     if not node or (body.get("status") or {}).get("phase") in TERMINATED:
         return None
 

@@ -167,3 +167,12 @@ def test_other_gpu_resource_names_are_counted_separately() -> None:
     n = node("a", gpus=2)
     n["status"]["allocatable"]["nvidia.com/mig-1g.10gb"] = "7"
     assert len(join([n], resource="nvidia.com/mig-1g.10gb")) == 7
+
+
+def test_a_pending_pod_pinned_to_a_node_holds_its_gpus_there() -> None:
+    """Another gang's pods, created but not yet bound, already count on the node they are pinned to: two
+    jobs planned back to back must not both pick the same free GPUs."""
+    waiting = pod("other-a1-0", None, 3, phase="Pending", job="other")
+    waiting["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "a"}
+    devices = join([node("a", gpus=4), node("b", gpus=1)], [waiting])
+    assert [(d.node, d.index) for d in devices] == [("a", 0), ("b", 0)]
