@@ -138,7 +138,7 @@ def test_scale_1000_nodes_100_jobs(scale_cluster: Any, tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "STADI_OPERATOR_"))}
     env.update({"KUBECONFIG": str(kubeconfig), "STADI_OPERATOR_VOLCANO": "off",
-                "STADI_OPERATOR_RECONCILE_INTERVAL": "2", "STADI_OPERATOR_UNSCHEDULABLE_TIMEOUT": "30"})
+                "STADI_OPERATOR_RECONCILE_INTERVAL": "2", "STADI_OPERATOR_UNSCHEDULABLE_TIMEOUT": "120"})
     log = tmp_path / "operator.log"
     with log.open("ab") as out:
         operator = subprocess.Popen([str(Path(sys.executable).with_name("stadi")), "operator", "--liveness",

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -59,6 +61,39 @@ MAX_JOB_NAME = 52
 
 
 @dataclass
+class GpuBook:
+    """GPUs promised to worker pods this operator has just created, until the pod index shows them.
+
+    kopf runs the handlers of many jobs at once, and a pod reaches the index only after its watch event: jobs
+    planned in that gap would all pick the same free GPUs. Launches take the lock, plan against the index plus
+    these promises, and add their pods' promises; a promise lapses when the index shows its pod or after ttl.
+    """
+
+    ttl_s: float = 120.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    promised: dict[tuple[str, str], tuple[str, inventory.PodUsage, float]] = field(default_factory=dict)
+
+    def with_promises(self, pods: Mapping[str, Iterable[inventory.PodUsage]]) -> dict[str, list[inventory.PodUsage]]:
+        """The pod index plus the promises it does not show yet (call with the lock held)."""
+        merged = {node: list(store) for node, store in pods.items()}
+        seen = {(u.namespace, u.name) for store in merged.values() for u in store}
+        now = time.monotonic()
+        for key, (node, usage, expiry) in list(self.promised.items()):
+            if key in seen or expiry < now:
+                del self.promised[key]
+            else:
+                merged.setdefault(node, []).append(usage)
+        return merged
+
+    def promise(self, pod: Mapping[str, Any]) -> None:
+        """Hold a created pod's GPUs on the node it is pinned to (call with the lock held)."""
+        found = inventory.pod_usage(pod)
+        if found:
+            node, usage = found
+            self.promised[(usage.namespace, usage.name)] = (node, usage, time.monotonic() + self.ttl_s)
+
+
+@dataclass
 class Runtime:
     """What every handler needs besides the object: settings, the API adapter, detected features, a clock.
     Built once at startup and kept in kopf's memo."""
@@ -67,6 +102,7 @@ class Runtime:
     kube: Kube
     volcano: bool = False
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    book: GpuBook = field(default_factory=lambda: GpuBook())
 
     @property
     def worker_options(self) -> ch.WorkerOptions:
@@ -157,11 +193,12 @@ class Indexes:
         return cls(kwargs.get("stadi_nodes") or {}, kwargs.get("stadi_gpu_pods") or {},
                    kwargs.get("stadi_telemetry") or {})
 
-    def devices(self, job: DiffusionJob, exclude: Iterable[str], now: datetime, stale_after: float) -> list[Device]:
+    def devices(self, job: DiffusionJob, exclude: Iterable[str], now: datetime, stale_after: float,
+                pods: Mapping[str, Iterable[inventory.PodUsage]] | None = None) -> list[Device]:
         template = job.spec.template
         telemetry = {node: t for node, store in self.telemetry.items() for t in store}
         return inventory.free_devices(
-            [n for store in self.nodes.values() for n in store], self.pods, telemetry,
+            [n for store in self.nodes.values() for n in store], self.pods if pods is None else pods, telemetry,
             resource=template.gpu_resource, tolerations=template.tolerations, node_selector=template.node_selector,
             exclude=exclude, now=now, stale_after=stale_after,
             # This job's own pods are leaving (a failed attempt being replaced): their GPUs are about to be free.
@@ -309,14 +346,21 @@ def launch(job: Job, spec_job: DiffusionJob, *, announce_wait: bool = True) -> b
     """Start attempt ``attempts + 1``: plan (or adopt the committed plan), create the children, phase Scheduling.
     Without a plan (no usable GPUs), phase Planning with ``Planned=False`` and False is returned; the timer
     tries again and gives up after the unschedulable timeout."""
+    with job.runtime.book.lock:
+        return _launch(job, spec_job, announce_wait)
+
+
+def _launch(job: Job, spec_job: DiffusionJob, announce_wait: bool) -> bool:
     st, owner, kube, settings = job.status, job.owner, job.kube, job.runtime.settings
+    book = job.runtime.book
     attempt = int(st.get("attempts", 0)) + 1
     committed = kube.get("ConfigMap", owner.namespace, ch.plan_name(owner.name))
     plan = _adopted_plan(committed, owner, attempt)
     adopted = plan is not None
     excluded = list(st.get("excludedNodes", []))
     if plan is None:
-        pool = job.indexes.devices(spec_job, excluded, job.now, settings.telemetry_stale_after)
+        pool = job.indexes.devices(spec_job, excluded, job.now, settings.telemetry_stale_after,
+                                   pods=book.with_promises(job.indexes.pods))
         try:
             plan = plan_job(spec_job.spec, pool)
         except ValueError as error:
@@ -331,6 +375,8 @@ def launch(job: Job, spec_job: DiffusionJob, *, announce_wait: bool = True) -> b
     for desired in ch.children(owner, spec_job.spec, plan, attempt, job.runtime.worker_options):
         current, what = ensure(kube, desired, owner)
         made[what] = made.get(what, 0) + 1
+        if desired["kind"] == "Pod":
+            book.promise(desired)
         if what != "created":
             _sync(kube, current, desired, desired["kind"])
     job.logger.info(f"attempt {attempt} children: {made}")

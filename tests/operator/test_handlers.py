@@ -499,3 +499,18 @@ async def test_registration_wires_every_handler() -> None:
     # A registry of our own has no login handler unless register() adds one: without it kopf cannot connect.
     logins = list(registry._activities.get_all_handlers())
     assert [h.fn for h in logins if h.activity.value == "authentication"] == [kopf.login_via_client]
+
+
+async def test_gpu_book_holds_created_pods_until_the_index_shows_them() -> None:
+    """Pods created by one launch count against their node for the next launch even before the pod index
+    has them (jobs applied at once must not all pick the same free GPUs), and only once after it does."""
+    book = handlers.GpuBook()
+    pod = {"metadata": {"name": "j-a1-0", "namespace": "ns", "labels": {"stadi.dev/job": "j"}},
+           "spec": {"nodeSelector": {"kubernetes.io/hostname": "gpu-a"},
+                    "containers": [{"name": "worker", "resources": {"limits": {"nvidia.com/gpu": "2"}}}]}}
+    with book.lock:
+        book.promise(pod)
+        merged = book.with_promises({})
+        assert [(u.name, u.requests) for u in merged["gpu-a"]] == [("j-a1-0", {"nvidia.com/gpu": 2})]
+        assert len(book.with_promises({"gpu-a": merged["gpu-a"]})["gpu-a"]) == 1
+        assert not book.promised  # the index shows the pod: the promise lapsed
