@@ -139,12 +139,10 @@ def _floored(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
         return None
     period = sync_period(strides)
     fixed, per_granule = pb.cost.affine(batch)
-    units = [1] * len(slots)
-    for _ in range(pb.granules - len(slots)):
-        r = min(range(len(slots)),
-                key=lambda i: (period // strides[i] * (fixed + per_granule * (units[i] + 1)) / slots[i].speed, i))
-        units[r] += 1
-    return Group(tuple(slots), tuple(units), tuple(strides), branch, batch)
+    multipliers = [period // k / s.speed for s, k in zip(slots, strides, strict=True)]
+    # With one granule held, a rank's time after u more is m * ((fixed + per_granule) + per_granule * u).
+    extra = elastic_units(multipliers, fixed + per_granule, per_granule, pb.granules - len(slots))
+    return Group(tuple(slots), tuple(1 + u for u in extra), tuple(strides), branch, batch)
 
 
 def single(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
