@@ -1,0 +1,58 @@
+"""``stadi bench speed`` on the CPU: the harness end to end on a tiny model, 2 Gloo ranks, 1 run, the slow
+rank emulated by --slowdown pacing instead of CUDA MPS (kept small: the suite runs on 2 shared cores)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from stadi_worker.bench_speed import STRATEGIES_MEASURED, merge, summarize
+
+
+def test_bench_speed_cpu_smoke(model_cache: Path, tmp_path: Path) -> None:
+    from stadi.cli import main
+
+    rc = main(["bench", "speed", "--device", "cpu", "--size", "tiny", "--models", "sd3", "--height", "64",
+               "--steps", "4", "--warmup-steps", "1", "--min-effective-steps", "2", "--runs", "1",
+               "--warmup-runs", "0", "--slowdown", "1=2", "--threads", "1", "--cache-dir", str(model_cache),
+               "--out-dir", str(tmp_path), "--name", "smoke", "--no-plot"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert doc["ranks"] == 2 and doc["slowdown_kind"] == "paced" and "partial" not in doc
+    assert doc["command"].startswith("stadi bench speed")
+    assert set(doc["levels"]) == {"1", "2"}
+    for level in doc["levels"].values():
+        res = level["models"]["sd3"]
+        assert set(res["strategies"]) == set(STRATEGIES_MEASURED)
+        single = res["strategies"]["single"]
+        assert len(single["per_rank_latency_ms"]) == 2 and res["ideal_ms"] < single["latency_ms"]
+        for name in ("patch", "cfg", "stadi", "auto"):
+            st = res["strategies"][name]
+            assert st["latency_ms"] > 0 and len(st["wall_ms"][0]) == 2 and len(st["breakdown"]) == 2
+            assert st["psnr"] > 10 and not math.isnan(st["ssim"])
+    # the paced rank is slower on its own: its measured speed is lower at the slow level
+    speeds = doc["levels"]["2"]["models"]["sd3"]["measured_speeds"]
+    assert speeds[1] < speeds[0]
+    summary = doc["summary"]
+    assert summary["worst_stadi_over_ideal"] > 0
+    assert set(summary["stadi_vs_patch_reduction"]["sd3"]) == {"1", "2"}
+    assert "sd3" in summary["homogeneous_speedup"]
+    merged = merge([tmp_path / "smoke.json"], tmp_path / "merged.json")
+    assert merged["summary"] == summary
+
+
+def test_summarize_targets() -> None:
+    levels = {
+        "100": {"models": {"sd3": {"ideal_ms": 1000.0, "strategies": {
+            "single": {"latency_ms": 2000.0}, "patch": {"latency_ms": 1200.0, "psnr": 30.0},
+            "cfg": {"latency_ms": 1100.0}, "stadi": {"latency_ms": 1050.0, "psnr": 29.5},
+            "auto": {"latency_ms": 1100.0}}}}},
+        "25": {"models": {"sd3": {"ideal_ms": 1600.0, "strategies": {
+            "patch": {"latency_ms": 4000.0}, "stadi": {"latency_ms": 1800.0}}}}},
+    }
+    s = summarize(levels)
+    assert s["worst_stadi_over_ideal"] == 1.125
+    assert s["stadi_vs_patch_reduction"]["sd3"] == {"100": 0.125, "25": 0.55}
+    assert s["homogeneous_speedup"]["sd3"] == round(2000 / 1050, 4)
+    assert s["psnr_patch_minus_stadi_db"]["sd3"] == {"100": 0.5}
