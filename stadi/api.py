@@ -7,6 +7,7 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -21,14 +22,14 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from stadi.families import profile
+from stadi.families import HYBRID_DEFAULTS, HybridSchedule, profile
 
 GROUP = "stadi.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-Strategy = Literal["auto", "single", "patch", "cfg", "stadi", "stadi+cfg"]
-STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg")
+Strategy = Literal["auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid"]
+STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid")
 Scheduler = Literal["default", "ddim", "euler", "dpmpp-2m", "flow-euler"]
 OUTPUT_SCHEMES = ("s3", "file")
 MODEL_SCHEMES = ("s3", "file", "random")
@@ -101,6 +102,20 @@ class GpuRange(Model):
         return self
 
 
+class HybridParallelism(Model):
+    """Strategy hybrid: condition split, then a pipeline window of the denoiser's layers on the two GPUs.
+    Each knob left out takes the model family's default (SDXL 12 / 4e-4 / 5 / 15, SD3 15 / 5e-4 / 5 / 40)."""
+
+    window: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="L: steps over which the slope of the branch discrepancy is taken.")
+    slope_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="The window starts once the discrepancy decreases by less than this per step.")
+    pipeline_steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="k: steps the pipeline window lasts.")
+    cap_step: Annotated[int, Field(ge=0, le=1000)] | None = Field(
+        None, description="The window starts at this step at the latest.")
+
+
 class Parallelism(Model):
     """How the work is split across GPUs."""
 
@@ -117,6 +132,9 @@ class Parallelism(Model):
     )
     replan_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.05, description="Re-plan after warmup only when the predicted gain exceeds this fraction."
+    )
+    hybrid: HybridParallelism | None = Field(
+        None, description="Knobs of strategy hybrid (also used when auto picks it); family defaults when unset."
     )
 
 
@@ -260,10 +278,19 @@ class DiffusionJobSpec(Model):
             raise ValueError(
                 f"parallelism.minEffectiveSteps ({p.min_effective_steps}) must be <= steps ({self.steps})"
             )
-        if p.strategy in ("cfg", "stadi+cfg") and not self.uses_cfg:
+        if p.strategy in ("cfg", "stadi+cfg", "hybrid") and not self.uses_cfg:
             raise ValueError(
                 f"parallelism.strategy {p.strategy!r} splits the guidance branches and needs guidanceScale > 1"
             )
+        if p.strategy == "hybrid":
+            if self.model.family not in HYBRID_DEFAULTS:
+                raise ValueError(f"parallelism.strategy 'hybrid' splits the denoiser of {', '.join(HYBRID_DEFAULTS)} "
+                                 f"models only, not {self.model.family!r}")
+            if not p.gpus.min <= 2 <= p.gpus.max:
+                raise ValueError(f"parallelism.strategy 'hybrid' runs on exactly 2 GPUs; parallelism.gpus allows "
+                                 f"{p.gpus.min} to {p.gpus.max}")
+        if p.hybrid is not None and p.strategy not in ("hybrid", "auto"):
+            raise ValueError(f"parallelism.hybrid applies to strategy hybrid or auto, not {p.strategy!r}")
         return self
 
     @property
@@ -277,6 +304,16 @@ class DiffusionJobSpec(Model):
         """Fewest sampler steps any rank may run: as set, else 20 (fewer for a shorter job)."""
         m = self.parallelism.min_effective_steps
         return min(20, self.steps) if m is None else m
+
+    @property
+    def hybrid_schedule(self) -> HybridSchedule | None:
+        """Strategy hybrid's schedule: the knobs set under parallelism.hybrid, the family's defaults for the
+        rest; None for a family without a stage split."""
+        base = HYBRID_DEFAULTS.get(self.model.family)
+        if base is None:
+            return None
+        knobs = self.parallelism.hybrid.model_dump(exclude_none=True) if self.parallelism.hybrid else {}
+        return replace(base, **knobs)
 
     @property
     def uses_cfg(self) -> bool:
@@ -330,6 +367,10 @@ class RankPlan(BaseModel):
     rows: tuple[int, int]
     stride: int = Field(1, ge=1)
     branch: Literal["both", "cond", "uncond"] = "both"
+    layers: tuple[int, int] | None = Field(
+        None, description="Strategy hybrid: the units [start, end) of the linearised denoiser this rank runs in "
+        "the pipeline window (start 0: stage 0)."
+    )
     predicted_step_ms: float = 0.0
 
     @property
@@ -337,12 +378,25 @@ class RankPlan(BaseModel):
         return self.rows[1] - self.rows[0]
 
 
+class HybridPlan(BaseModel):
+    """Strategy hybrid's schedule and the cut of the denoiser (the ranks' ``layers`` say who runs what)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window: int = Field(ge=1)
+    slope_threshold: float = Field(ge=0.0)
+    pipeline_steps: int = Field(ge=1)
+    cap_step: int = Field(ge=0)
+    units: int = Field(ge=2, description="Units of the reference denoiser the ranks' layers index.")
+    boundary_layer: str = Field(description="The first unit of stage 1, e.g. transformer_blocks.12.")
+
+
 class Plan(BaseModel):
     """The planner's answer: what every rank does, and what it is predicted to cost."""
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["single", "patch", "cfg", "stadi", "stadi+cfg"]
+    strategy: Literal["single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid"]
     family: str
     latent_height: int
     latent_width: int
@@ -355,6 +409,7 @@ class Plan(BaseModel):
     predicted_seconds: float
     alternatives: dict[str, float] = Field(default_factory=dict)
     left_out: list[str] = Field(default_factory=list, description="GPUs whose inclusion raised latency.")
+    hybrid: HybridPlan | None = None
 
     @property
     def world_size(self) -> int:
@@ -389,6 +444,16 @@ class Plan(BaseModel):
                 )
         if any(self.sync_period % r.stride for r in self.ranks):
             raise ValueError(f"sync_period {self.sync_period} is not a multiple of every stride")
+        if self.strategy == "hybrid":
+            self._validate_hybrid()
+
+    def _validate_hybrid(self) -> None:
+        if self.hybrid is None or len(self.ranks) != 2 or {r.branch for r in self.ranks} != {"cond", "uncond"}:
+            raise ValueError("a hybrid plan needs its hybrid schedule and 2 ranks, one per branch cond and uncond")
+        cuts = sorted(r.layers or (0, 0) for r in self.ranks)
+        units = self.hybrid.units
+        if cuts[0][0] != 0 or cuts[0][1] != cuts[1][0] or cuts[1][1] != units or not 0 < cuts[0][1] < units:
+            raise ValueError(f"the ranks' layers {cuts} must cut the {units} units in two non-empty stages")
 
 
 # --- status ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from stadi import api
-from stadi.families import PROFILES
+from stadi.families import HYBRID_DEFAULTS, PROFILES
 
 CATEGORY = "stadi"
 HEADER = "# Generated from stadi/api.py by `stadi crd` (make crd). Do not edit by hand.\n"
@@ -93,6 +93,9 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
     min_effective = "self.parallelism.minEffectiveSteps"
     strategy = _field(api.Parallelism, "strategy", "self.parallelism")
     steps = _field(spec, "steps")
+    gpus = "self.parallelism.gpus"
+    gpu_min = f"(has({gpus}) ? {_field(api.GpuRange, 'min', gpus)} : {api.GpuRange().min})"
+    gpu_max = f"(has({gpus}) ? {_field(api.GpuRange, 'max', gpus)} : {api.GpuRange().max})"
     return {
         "GpuRange": [
             {
@@ -114,10 +117,20 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
                 "message": "spec.parallelism.minEffectiveSteps must be <= spec.steps",
             },
             {
-                "rule": f"!has(self.parallelism) || !({strategy} in ['cfg', 'stadi+cfg']) || "
+                "rule": f"!has(self.parallelism) || !({strategy} in ['cfg', 'stadi+cfg', 'hybrid']) || "
                 f"{_field(spec, 'guidance_scale')} > 1.0",
-                "message": "spec.parallelism.strategy cfg and stadi+cfg split the guidance branches and need "
-                "spec.guidanceScale > 1",
+                "message": "spec.parallelism.strategy cfg, stadi+cfg and hybrid split the guidance branches and "
+                "need spec.guidanceScale > 1",
+            },
+            {
+                "rule": f"!has(self.parallelism) || {strategy} != 'hybrid' || "
+                f"(self.model.family in {sorted(HYBRID_DEFAULTS)} && {gpu_min} <= 2 && 2 <= {gpu_max})",
+                "message": "spec.parallelism.strategy hybrid runs on exactly 2 GPUs (parallelism.gpus must allow 2) "
+                f"and splits the denoiser of {' and '.join(sorted(HYBRID_DEFAULTS))} models only",
+            },
+            {
+                "rule": f"!has(self.parallelism) || !has(self.parallelism.hybrid) || {strategy} in ['hybrid', 'auto']",
+                "message": "spec.parallelism.hybrid applies to strategy hybrid or auto",
             },
             _granularity_rule("height"),
             _granularity_rule("width"),

@@ -47,6 +47,24 @@ PROFILES: dict[str, FamilyProfile] = {
 }
 
 
+@dataclass(frozen=True)
+class HybridSchedule:
+    """When strategy ``hybrid`` leaves the condition split for its pipeline window (arXiv 2602.21760)."""
+
+    window: int  # L: steps over which the slope of the discrepancy d_t is taken
+    slope_threshold: float  # the window starts once that slope (d's decrease per step) is in [0, this)
+    pipeline_steps: int  # k: steps the window lasts
+    cap_step: int  # the window starts at this step at the latest
+
+
+# The paper's settings for SDXL and SD3 (its reference implementation's defaults). Other families have no
+# stage split of their denoiser, so hybrid does not apply to them.
+HYBRID_DEFAULTS: dict[str, HybridSchedule] = {
+    "sdxl": HybridSchedule(window=12, slope_threshold=4e-4, pipeline_steps=5, cap_step=15),
+    "sd3": HybridSchedule(window=15, slope_threshold=5e-4, pipeline_steps=5, cap_step=40),
+}
+
+
 def profile(family: str) -> FamilyProfile:
     """The profile of a family; KeyError names the families we know."""
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from stadi import gpus
 from stadi.api import DiffusionJobSpec, Plan
-from stadi.families import profile
+from stadi.families import HYBRID_DEFAULTS, HybridSchedule, profile
 from stadi.planner.cost import LINKS, CostModel, default_link
 from stadi.planner.search import Limits, search, to_plan
 from stadi.planner.strategies import Problem, Slot
@@ -49,6 +49,7 @@ class PlanRequest:
     gpus_min: int = 1
     gpus_max: int = 8
     link_gbytes_per_s: float | None = None
+    hybrid: HybridSchedule | None = None  # strategy hybrid's schedule; None: the family's defaults
 
     @classmethod
     def from_spec(cls, spec: DiffusionJobSpec, link_gbytes_per_s: float | None = None) -> PlanRequest:
@@ -66,6 +67,7 @@ class PlanRequest:
             gpus_min=p.gpus.min,
             gpus_max=p.gpus.max,
             link_gbytes_per_s=link_gbytes_per_s,
+            hybrid=spec.hybrid_schedule,
         )
 
 
@@ -114,7 +116,9 @@ def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
         raise ValueError(f"link bandwidth {link} GB/s must be a finite number > 0")
     cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link or 0.0)
     pb = Problem(cost, request.steps, request.warmup_steps, request.guidance, request.max_stride,
-                 request.min_effective_steps, fixed_link=link is not None)
+                 request.min_effective_steps, fixed_link=link is not None,
+                 hybrid=(request.hybrid or HYBRID_DEFAULTS[request.family]) if request.family in HYBRID_DEFAULTS
+                 else None)
     chosen, best = search(pb, slots, Limits(request.strategy, request.gpus_min, request.gpus_max))
     return to_plan(pb, chosen, best, slots + idle)
 

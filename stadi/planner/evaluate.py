@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stadi.api import Plan
-from stadi.families import profile
+from stadi.families import HybridSchedule, profile
 from stadi.planner.cost import CostModel
+from stadi.planner.hybrid import StageCut, hybrid_seconds
+from stadi.planner.stage_split import reference_units
 from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_seconds
 
 
@@ -19,6 +21,8 @@ def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride
         raise ValueError(f"need one positive speed per rank, got {list(speeds)}")
     fam = profile(plan.family)
     cost = CostModel(fam, plan.latent_height, plan.latent_width, link_gbytes_per_s)
+    if plan.strategy == "hybrid":
+        return _hybrid_seconds(plan, cost, speeds)
     pb = Problem(cost, plan.steps, warmup, plan.guidance, max_stride, min_effective, fixed_link=True)
     groups = []
     for branch in sorted({r.branch for r in plan.ranks}):
@@ -38,3 +42,15 @@ def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride
         return plan.steps * (max(t[0] for t in times) + swap) / 1e3
     return _windowed_seconds(pb, max(t[0] for t in times) + swap, max(t[1] for t in times) + swap,
                              plan.sync_period)
+
+
+def _hybrid_seconds(plan: Plan, cost: CostModel, speeds: Sequence[float]) -> float:
+    h = plan.hybrid
+    if h is None:
+        raise ValueError("a hybrid plan needs its hybrid schedule")
+    units = reference_units(plan.family, plan.latent_height, plan.latent_width)
+    stage0 = next(r.rank for r in plan.ranks if r.layers is not None and r.layers[0] == 0)
+    boundary = plan.ranks[stage0].layers[1]  # type: ignore[index]
+    schedule = HybridSchedule(h.window, h.slope_threshold, h.pipeline_steps, h.cap_step)
+    return hybrid_seconds(cost, plan.steps, schedule, units, speeds,
+                          StageCut(stage0, boundary, len(units), units[boundary].name))

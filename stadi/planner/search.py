@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from stadi.api import Plan, RankPlan
+from stadi.api import HybridPlan, Plan, RankPlan
 from stadi.planner.strategies import STRATEGIES, Assignment, Candidate, Problem, Slot
 
 # Up to this many distinct sub-multisets of the pool (7 GPUs of distinct speeds) are searched exhaustively,
@@ -65,12 +65,14 @@ def search(pb: Problem, slots: Sequence[Slot], limits: Limits) -> tuple[Candidat
 
 
 def _why_not(strategy: str, pb: Problem, usable: int, limits: Limits) -> str:
-    if strategy in ("cfg", "stadi+cfg") and not pb.guidance:
+    if strategy in ("cfg", "stadi+cfg", "hybrid") and not pb.guidance:
         return f"strategy {strategy!r} splits the guidance branches and needs guidanceScale > 1"
+    if strategy == "hybrid" and pb.hybrid is None:
+        return f"strategy 'hybrid' has no stage split for model family {pb.cost.profile.family!r}"
     if strategy == "single":
         return f"strategy 'single' uses one GPU but parallelism.gpus.min is {limits.gpus_min}"
-    if strategy == "cfg":
-        return f"strategy 'cfg' needs exactly 2 GPUs within parallelism.gpus; the pool allows {usable}"
+    if strategy in ("cfg", "hybrid"):
+        return f"strategy {strategy!r} needs exactly 2 GPUs within parallelism.gpus; the pool allows {usable}"
     bands = pb.granules * (2 if strategy == "stadi+cfg" else 1)
     if limits.gpus_min > bands:
         return (f"parallelism.gpus.min is {limits.gpus_min} but the image has only {bands} bands of "
@@ -123,6 +125,7 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
                 rows=a.rows,
                 stride=a.stride,
                 branch=a.branch,  # type: ignore[arg-type]
+                layers=a.layers,
                 predicted_step_ms=round(a.step_ms, 3),
             )
             for i, a in enumerate(ranks)
@@ -132,7 +135,16 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
         predicted_seconds=round(chosen.seconds, 6),
         alternatives={name: round(c.seconds, 6) for name, c in best.items()},
         left_out=[_describe(s) for s in slots if id(s) not in used],
+        hybrid=_hybrid_plan(pb, chosen),
     )
+
+
+def _hybrid_plan(pb: Problem, chosen: Candidate) -> HybridPlan | None:
+    if chosen.cut is None or pb.hybrid is None:
+        return None
+    s = pb.hybrid
+    return HybridPlan(window=s.window, slope_threshold=s.slope_threshold, pipeline_steps=s.pipeline_steps,
+                      cap_step=s.cap_step, units=chosen.cut.units, boundary_layer=chosen.cut.name)
 
 
 def _describe(slot: Slot) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from stadi.families import HybridSchedule
 from stadi.planner.cost import COLLECTIVE_MS, CostModel, default_link
+from stadi.planner.hybrid import StageCut, best_cut, hybrid_seconds
 from stadi.planner.patches import bands, elastic_units, equal_units
 from stadi.planner.quantize import stride_candidates, stride_cap, sync_period
+from stadi.planner.stage_split import reference_units
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Problem:
     max_stride: int
     min_effective_steps: int
     fixed_link: bool = False
+    hybrid: HybridSchedule | None = None  # None: the family has no stage split
 
     def on(self, slots: Sequence[Slot]) -> Problem:
         """This problem on a set of GPUs: unless the link was given, it is the slowest among those GPUs."""
@@ -57,6 +61,7 @@ class Assignment:
     stride: int
     branch: str
     step_ms: float
+    layers: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,12 @@ class Group:
     strides: tuple[int, ...]
     branch: str
     batch: int
+    layers: tuple[int, int] | None = None  # hybrid: the one rank's stage in the pipeline window
 
     def assignments(self, cost: CostModel) -> list[Assignment]:
         rows = bands(self.units, cost.profile.granularity)
         return [
-            Assignment(s, r, k, self.branch, cost.step_ms(r[1] - r[0], self.batch, s.speed))
+            Assignment(s, r, k, self.branch, cost.step_ms(r[1] - r[0], self.batch, s.speed), self.layers)
             for s, r, k in zip(self.slots, rows, self.strides, strict=True)
         ]
 
@@ -85,6 +91,7 @@ class Candidate:
     seconds: float
     groups: tuple[Group, ...]
     sync_period: int = 1
+    cut: StageCut | None = None  # hybrid
 
     def order(self) -> tuple[float, int, int, int]:
         """Lower latency first; ties go to the smaller P, then the smaller sum of strides, then fewer GPUs."""
@@ -217,10 +224,25 @@ def stadi_cfg(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
     return Candidate("stadi+cfg", seconds, tuple(groups))
 
 
+def hybrid(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
+    """Condition split as in cfg, and a pipeline window in which the two GPUs run the two stages of the
+    denoiser, cut where their stage times balance."""
+    if not pb.guidance or len(slots) != 2 or pb.hybrid is None:
+        return None
+    units = reference_units(pb.cost.profile.family, pb.cost.latent_height, pb.cost.latent_width)
+    speeds = [s.speed for s in slots]
+    cut = best_cut(pb.cost, units, speeds)
+    stages = {cut.stage0: (0, cut.boundary), 1 - cut.stage0: (cut.boundary, cut.units)}
+    groups = tuple(Group((s,), (pb.granules,), (1,), branch, 1, stages[i])
+                   for i, (s, branch) in enumerate(zip(slots, ("cond", "uncond"), strict=True)))
+    return Candidate("hybrid", hybrid_seconds(pb.cost, pb.steps, pb.hybrid, units, speeds, cut), groups, cut=cut)
+
+
 STRATEGIES: dict[str, Callable[[Problem, Sequence[Slot]], Candidate | None]] = {
     "single": single,
     "patch": patch,
     "cfg": cfg,
     "stadi": stadi,
     "stadi+cfg": stadi_cfg,
+    "hybrid": hybrid,
 }

@@ -24,8 +24,8 @@ from stadi.planner import LINKS, Device, PlanRequest, plan
 
 PRODUCTS = tuple(sorted(CATALOGUE))
 FAMILIES = ("sdxl", "sd3", "sd15")
-STRATEGIES = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg")
-MULTI_GPU = ("patch", "cfg", "stadi", "stadi+cfg")
+STRATEGIES = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid")
+MULTI_GPU = ("patch", "cfg", "stadi", "stadi+cfg", "hybrid")
 MAX_POOL = 6
 
 # Planning a 6-GPU pool at 2048^2 takes up to ~0.1 s on a slow core: no per-example deadline. A longer hunt:
@@ -95,13 +95,15 @@ def _reason_not_applicable(req: PlanRequest, pool_size: int) -> str | None:
     """
     low, high = req.gpus_min, min(req.gpus_max, pool_size)
     s = req.strategy
-    if s in ("cfg", "stadi+cfg") and not req.guidance:
+    if s in ("cfg", "stadi+cfg", "hybrid") and not req.guidance:
         return "guidance"
+    if s == "hybrid" and req.family not in ("sdxl", "sd3"):
+        return "no stage split"
     if s == "single" and low > 1:
         return "gpus.min"
     if s in MULTI_GPU and high < 2:
         return "2 GPUs"
-    if s == "cfg" and low > 2:
+    if s in ("cfg", "hybrid") and low > 2:
         return "exactly 2 GPUs"
     if s == "stadi+cfg" and low > 2:
         # Every allowed set may hold a GPU too slow for a band of its branch; the message names the strategy
@@ -153,7 +155,7 @@ def test_bands_tile_the_latent_height_once_per_branch(case: tuple[PlanRequest, l
                 assert start % g == 0 and end % g == 0, r
                 covered.update(range(start, end))
         assert covered == Counter(range(height)), f"branch {branch}: rows not covered exactly once"
-    expected = {"cond", "uncond"} if p.strategy in ("cfg", "stadi+cfg") else {"both"}
+    expected = {"cond", "uncond"} if p.strategy in ("cfg", "stadi+cfg", "hybrid") else {"both"}
     assert {r.branch for r in p.ranks} == expected
 
 
