@@ -15,6 +15,10 @@ and every strategy reuses the loaded pipeline. Each figure is the median of ``--
 ``--warmup-runs`` untimed ones; latency is wall time from the first to the last rank's return (text encoding
 and denoising loop, final latent gathered, no VAE decode, as the peer measures). Fidelity: PSNR/SSIM of each
 strategy's decoded image against rank 0's serial image of the same seed (VAE in fp32).
+
+The peer (``--peer xdit``, SD3 only): after stadi's ranks at each level, every chosen xDiT 2-GPU configuration
+on the same pipeline directory, job and MPS setting (``stadi_worker.peer_xdit``); its best per level goes into
+the result's ``peer`` block, the summary (``stadi_vs_peer``: peer's best / stadi latency), the table and the plot.
 """
 
 from __future__ import annotations
@@ -295,32 +299,18 @@ def mps_daemon(enabled: bool, workdir: Path) -> Iterator[dict[str, str]]:
 def launch_level(world: int, config: dict[str, Any], workdir: Path, extra_env: dict[str, str],
                  rank_env: dict[int, dict[str, str]], timeout_s: float) -> None:
     """Run ``python -m stadi_worker.bench_speed CONFIG`` on ``world`` local ranks."""
-    from stadi_worker.launch import free_port
+    from stadi_worker.local_ranks import run_ranks
 
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"config-{config['level']}.json"
     path.write_text(json.dumps(config))
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               **extra_env)
-    if config["device"] == "cpu":
+    env = dict(extra_env)
+    if config["device"] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    procs = [subprocess.Popen([sys.executable, "-m", "stadi_worker.bench_speed", str(path)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), **rank_env.get(r, {})))
-             for r in range(world)]
-    deadline = time.monotonic() + timeout_s
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    codes = [p.returncode for p in procs]
-    if any(codes):
-        raise RuntimeError(f"level {config['level']}: ranks failed with exit codes {codes}")
+    out = run_ranks([sys.executable, "-m", "stadi_worker.bench_speed", str(path)], world, env, rank_env, timeout_s)
+    if not out.ok:
+        why = f"timed out after {timeout_s:g} s" if out.timed_out else "failed"
+        raise RuntimeError(f"level {config['level']}: ranks {why} with exit codes {out.codes}")
 
 
 def _versions() -> dict[str, Any]:
@@ -344,8 +334,8 @@ def _versions() -> dict[str, Any]:
     return info
 
 
-def summarize(levels: dict[str, Any]) -> dict[str, Any]:
-    """Targets of issue 5 from the per-level results."""
+def summarize(levels: dict[str, Any], peer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Targets of issue 5 from the per-level results (and the peer's best per level, when measured)."""
     worst = None
     reduction: dict[str, dict[str, float]] = {}
     ratio: dict[str, dict[str, float]] = {}
@@ -374,7 +364,25 @@ def summarize(levels: dict[str, Any]) -> dict[str, Any]:
                     homo[family + "_best_strategy"] = round(single / best, 4)
     return {"worst_stadi_over_ideal": round(worst, 4) if worst is not None else None,
             "stadi_over_ideal": ratio, "stadi_vs_patch_reduction": reduction, "homogeneous_speedup": homo,
-            "psnr_patch_minus_stadi_db": psnr_gap}
+            "psnr_patch_minus_stadi_db": psnr_gap, **_versus_peer(levels, peer)}
+
+
+def _versus_peer(levels: dict[str, Any], peer: dict[str, Any] | None) -> dict[str, Any]:
+    """Per level the peer's best configuration, and how many times faster than it stadi and auto are."""
+    best: dict[str, dict[str, Any]] = {}
+    vs: dict[str, dict[str, dict[str, float]]] = {"stadi_vs_peer": {}, "auto_vs_peer": {}}
+    for level, entry in (peer or {}).get("levels", {}).items():
+        peer_ms = entry.get("latency_ms")
+        if not peer_ms:
+            continue
+        best[level] = {"config": entry["best"], "latency_ms": peer_ms}
+        family = peer["family"]
+        st = levels.get(level, {}).get("models", {}).get(family, {}).get("strategies", {})
+        for name in ("stadi", "auto"):
+            ms = st.get(name, {}).get("latency_ms")
+            if ms:
+                vs[f"{name}_vs_peer"].setdefault(family, {})[level] = round(peer_ms / ms, 4)
+    return {"peer_best": best, **vs}
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -387,15 +395,26 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     levels = list(result["levels"])
-    families = sorted({f for lv in result["levels"].values() for f in lv["models"]})
+    peer = result.get("peer")
+    families = sorted({f for lv in result["levels"].values() for f in lv["models"]}
+                      | ({peer["family"]} if peer else set()))
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
-    names = list(STRATEGIES_MEASURED)
-    width = 0.8 / len(names)
     for ax, family in zip(axes[0], families, strict=True):
+        names = list(STRATEGIES_MEASURED) + (["peer"] if peer and peer["family"] == family else [])
+        width = 0.8 / len(names)
         for j, name in enumerate(names):
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(levels))]
+            if name == "peer":
+                entries = [peer["levels"].get(lv, {}) for lv in levels]
+                ys = [(e.get("latency_ms") or float("nan")) / 1e3 for e in entries]
+                ax.bar(xs, ys, width, label=f"{peer['engine']} best", color="0.35")
+                for x, y, e in zip(xs, ys, entries, strict=True):
+                    if e.get("best"):  # which configuration was the peer's best there
+                        ax.text(x, y, f" {e['best']}", rotation=90, fontsize=6, ha="center", va="bottom")
+                continue
             ys = [result["levels"][lv]["models"].get(family, {}).get("strategies", {}).get(name, {})
                   .get("latency_ms", float("nan")) / 1e3 for lv in levels]
-            ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(levels))], ys, width, label=name)
+            ax.bar(xs, ys, width, label=name)
         ideal = [result["levels"][lv]["models"].get(family, {}).get("ideal_ms", float("nan")) / 1e3 for lv in levels]
         for i, y in enumerate(ideal):
             ax.hlines(y, i - 0.45, i + 0.45, colors="k", linestyles="--", label="ideal bound" if i == 0 else None)
@@ -410,8 +429,36 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None) -> dict[str, Any]:
+def _peer_job(args: Any, models: list[dict[str, Any]], world: int, cache: Path) -> Any:
+    """The peer's job (None without ``--peer``): stadi's job of the peer's family, on its pipeline directory."""
+    from stadi_worker import peer_xdit
+
+    if not args.peer:
+        return None
+    doc = next((m for m in models if m["model"]["family"] == peer_xdit.FAMILY), None)
+    if doc is None:
+        raise ValueError(f"--peer {args.peer} runs on the {peer_xdit.FAMILY} pipeline: add it to --models")
+    if world != peer_xdit.WORLD:
+        raise ValueError(f"--peer {args.peer} runs xDiT's {peer_xdit.WORLD}-GPU configurations (got {world} ranks)")
+    from stadi.api import ModelSource
+    from stadi_worker.pipelines import resolve_source
+
+    # the directory stadi's ranks load (built here when missing, before any rank starts)
+    model_dir = resolve_source(ModelSource.model_validate(doc["model"]), cache)
+    return peer_xdit.PeerJob(model_dir=model_dir, height=doc["height"], width=doc["width"], steps=doc["steps"],
+                             guidance=doc["guidanceScale"], seed=doc["seed"], prompt=args.prompt, dtype=args.dtype,
+                             runs=args.runs, warmup_runs=args.warmup_runs)
+
+
+def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
+              peer_driver: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Every level: stadi's strategies (unless ``--peer-only``), then the peer's configurations (``--peer``).
+
+    ``peer_driver``: the command each peer rank runs (default: ``stadi_worker.xdit_driver``).
+    """
     import torch
+
+    from stadi_worker import peer_xdit
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = args.ranks or (torch.cuda.device_count() if device == "cuda" else 2)
@@ -437,6 +484,10 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None) ->
     from stadi_worker.job_runner import default_cache_dir
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.peer_only and not args.peer:
+        raise ValueError("--peer-only needs --peer")
+    peer_configs = peer_xdit.parse_configs(args.peer_configs) if args.peer else []
+    peer_job = _peer_job(args, models, world, cache)
     result: dict[str, Any] = {
         "command": "stadi bench speed " + " ".join(shlex.quote(a) for a in (argv or [])),
         "device": device, "ranks": world, "height": args.height, "width": args.width or args.height,
@@ -445,6 +496,8 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None) ->
         "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "levels": {},
         "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM"))},
     }
+    if args.peer:
+        result["peer"] = peer_xdit.new_block(peer_configs, args.peer_timeout)
     with tempfile.TemporaryDirectory(prefix="stadi-speed-") as tmp:
         work = Path(tmp)
         need_mps = use_mps and any(lv != "100" for lv in levels)
@@ -460,28 +513,51 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None) ->
                     rank_env[world - 1] = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": level}
                 if not use_mps and level != "1":
                     config["slowdown"] = {str(world - 1): float(level)}
-                launch_level(world, config, work, mps_env, rank_env, args.level_timeout)
-                data = json.loads(Path(config["out"]).read_text())
-                data["seconds"] = round(time.perf_counter() - t0, 1)
+                if args.peer_only:
+                    data = {"level": level, "models": {}}
+                else:
+                    launch_level(world, config, work, mps_env, rank_env, args.level_timeout)
+                    data = json.loads(Path(config["out"]).read_text())
                 result["levels"][level] = data
+                shown: dict[str, Any] = {"levels": {level: data}}
+                if peer_job is not None:
+
+                    def partial(entry: dict[str, Any], level: str = level) -> None:
+                        peer_xdit.record_level(result["peer"], level, entry)
+                        if on_level is not None:
+                            on_level(dict(result, summary=summarize(result["levels"], result["peer"])))
+
+                    entry = peer_xdit.run_level(level, peer_configs, peer_job, work, mps_env, rank_env,
+                                                args.peer_timeout, peer_driver or peer_xdit.DRIVER, partial)
+                    shown["peer"] = dict(result["peer"], levels={level: entry})
+                data["seconds"] = round(time.perf_counter() - t0, 1)
                 print(f"level {level}: done in {data['seconds']} s", file=sys.stderr, flush=True)
-                print(format_table({"levels": {level: data}}), flush=True)
+                print(format_table(shown), flush=True)
                 if on_level is not None:  # partial results survive a later level's failure or timeout
-                    result["summary"] = summarize(result["levels"])
+                    result["summary"] = summarize(result["levels"], result.get("peer"))
                     on_level(result)
-    result["summary"] = summarize(result["levels"])
+    result["summary"] = summarize(result["levels"], result.get("peer"))
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'level':<6} {'model':<5} " + " ".join(f"{n:>9}" for n in (*STRATEGIES_MEASURED, "ideal"))
+    """Seconds per image per level and model (``peer``: the peer's best there), then the peer's configurations."""
+    peer = result.get("peer")
+    lines = [f"{'level':<6} {'model':<5} " + " ".join(f"{n:>9}" for n in (*STRATEGIES_MEASURED, "ideal", "peer"))
              + "  PSNR(patch/cfg/stadi/auto)"]
     for level, data in result["levels"].items():
         for family, res in data["models"].items():
             st = res["strategies"]
             cells = [f"{st.get(n, {}).get('latency_ms', float('nan')) / 1e3:>9.3f}" for n in STRATEGIES_MEASURED]
+            peer_ms = (peer["levels"].get(level, {}).get("latency_ms") if peer and peer["family"] == family
+                       else None) or float("nan")
             ps = "/".join(f"{st.get(n, {}).get('psnr', float('nan')):.1f}" for n in ("patch", "cfg", "stadi", "auto"))
-            lines.append(f"{level:<6} {family:<5} " + " ".join(cells) + f" {res['ideal_ms'] / 1e3:>9.3f}  {ps}")
+            lines.append(f"{level:<6} {family:<5} " + " ".join(cells)
+                         + f" {res['ideal_ms'] / 1e3:>9.3f} {peer_ms / 1e3:>9.3f}  {ps}")
+    for level, entry in (peer or {}).get("levels", {}).items():
+        cells = [f"{name} {c['latency_ms'] / 1e3:.3f}" + ("*" if name == entry["best"] else "")
+                 if "error" not in c else f"{name} failed ({c['error']})" for name, c in entry["configs"].items()]
+        lines.append(f"peer {peer['engine']} {peer['family']} level {level}: " + " | ".join(cells))
     return "\n".join(lines)
 
 
@@ -512,6 +588,13 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--name", default=None, help="results name: bench/results/NAME.json (default: speed-DEVICE)")
     parser.add_argument("--out-dir", default="bench/results", help="where NAME.json and NAME.png go")
     parser.add_argument("--no-plot", action="store_true", help="no PNG (e.g. when results are merged later)")
+    parser.add_argument("--peer", choices=("xdit",), help="also measure this peer engine at every level (sd3, 2 GPUs)")
+    parser.add_argument("--peer-configs", default="all",
+                        help="the peer's configurations, comma-separated: cfg,cfg-compile,pipefusion,ulysses,ring")
+    parser.add_argument("--peer-timeout", type=float, default=300.0,
+                        help="seconds per peer configuration and level before it is killed (and recorded as such)")
+    parser.add_argument("--peer-only", action="store_true",
+                        help="only the peer at each level (stadi's figures from another run, joined by --merge)")
 
 
 def command(args: Any) -> int:
@@ -539,8 +622,8 @@ def command(args: Any) -> int:
 
 
 def merge(paths: list[Path], out: Path) -> dict[str, Any]:
-    """One result from several runs of the same harness (e.g. one model each): levels and models united,
-    the summary recomputed, the plot redrawn beside ``out``."""
+    """One result from several runs of the same harness (e.g. one model each, or the peer alone): levels,
+    models and the peer's configurations united, the summary recomputed, the plot redrawn beside ``out``."""
     docs = [json.loads(p.read_text()) for p in paths]
     result = dict(docs[0])
     result["commands"] = [d["command"] for d in docs]
@@ -549,7 +632,13 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
         for level, data in d["levels"].items():
             into = result["levels"].setdefault(level, {**data, "models": {}})
             into["models"].update(data["models"])
-    result["summary"] = summarize(result["levels"])
+    from stadi_worker.peer_xdit import merge as merge_peer
+
+    result.pop("peer", None)
+    peer = merge_peer([d["peer"] for d in docs if d.get("peer")])
+    if peer is not None:
+        result["peer"] = peer
+    result["summary"] = summarize(result["levels"], peer)
     result["plot"] = out.with_suffix(".png").name if plot(result, out.with_suffix(".png")) else None
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
