@@ -225,6 +225,12 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
         return generate_serial(pipe, spec, prompt, seed, on_step=on_step, decode=decode)
     factor = slowdown if slowdown is not None else slowdown_factor(ctx.rank)
     with green_context(factor, ctx.device):
+        if plan.strategy == "hybrid":
+            from stadi_worker.hybrid import generate_hybrid  # it imports this module
+
+            return generate_hybrid(pipe, spec, plan, ctx, prompt, seed, exact=exact, on_step=on_step,
+                                   replan_after_warmup=replan_after_warmup, on_replan=on_replan,
+                                   pacer=Pacer(factor, ctx.device), decode=decode)
         return _generate(pipe, spec, plan, ctx, prompt, seed, exact, on_step, replan_after_warmup, on_replan,
                          Pacer(factor, ctx.device), decode)
 

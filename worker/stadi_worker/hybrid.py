@@ -1,0 +1,304 @@
+"""Strategy ``hybrid`` on two ranks (arXiv 2602.21760): condition split with a pipeline window.
+
+Both ranks keep the same full latent and take every step with the same guided prediction.
+- Condition split: each rank runs its guidance branch (batch 1, full frame); the predictions are swapped
+  (all_gather) and guided on both ranks. Rank 0 computes the relative discrepancy
+  d_t = mean|eps_c - eps_u| / mean|eps_u| and broadcasts it, so both ranks hold the same history and take
+  the same decision (``Switch``).
+- Pipeline window (k steps): the stage-0 rank runs the first units of the denoiser on both branches
+  (batch 2) and hands its output to the stage-1 rank, which runs the rest on the hand-over of the step
+  before and sends back the guided prediction. The first window step fills the hand-over (stage 1 waits for
+  this step's stage 0, so it is exact); the last one runs no stage 0 (nothing would read it). Stage 1 runs
+  with the current step's timestep: only the activations are one step old.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stadi.api import DiffusionJobSpec, HybridPlan, Plan
+from stadi.planner.stage_split import Unit, balanced_boundary
+from stadi_worker.emulate import Pacer
+from stadi_worker.generate import GenerationResult, initial_noise, measured_speeds
+from stadi_worker.pipelines import FamilyOps, batch_branches, make_scheduler
+from stadi_worker.runtime import DistContext
+from stadi_worker.sampling import BandSampler, StepTimer
+from stadi_worker.stages import Stages, unit_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HybridResult(GenerationResult):
+    modes: list[str] = field(default_factory=list)  # per step: "split" or "pipe"
+    discrepancy: list[float] = field(default_factory=list)  # d_t of the split steps until the decision
+    window: tuple[int, int] | None = None  # [start, end) of the pipeline window, when it ran
+    boundary_layer: str | None = None  # first unit of stage 1 in this model, when the window ran
+
+
+def slope(ds: Sequence[float], window: int) -> float | None:
+    """How much d decreased per step over the last ``window`` steps; None until there are enough."""
+    if len(ds) <= window:
+        return None
+    return (ds[-window - 1] - ds[-1]) / window
+
+
+@dataclass
+class Switch:
+    """When the pipeline window runs: it starts after the first step whose slope is in [0, threshold), or
+    at the cap step at the latest, and lasts ``pipeline_steps`` steps (cut at the last step)."""
+
+    schedule: HybridPlan
+    steps: int
+    disabled: bool = False  # exact runs: condition split throughout
+    ds: list[float] = field(default_factory=list)
+    start: int | None = None
+
+    @property
+    def deciding(self) -> bool:
+        return self.start is None and not self.disabled
+
+    def record(self, index: int, d: float) -> None:
+        """d_t of step ``index``; may start the window at the next step."""
+        self.ds.append(d)
+        s = slope(self.ds, self.schedule.window)
+        if self.deciding and s is not None and 0.0 <= s < self.schedule.slope_threshold:
+            self.start = index + 1
+
+    def mode(self, index: int) -> str:
+        """"pipe" inside the window, else "split" (called once per step, in order)."""
+        if self.deciding and index >= self.schedule.cap_step:
+            self.start = index
+        if self.start is not None and not self.disabled and index in self.span:
+            return "pipe"
+        return "split"
+
+    @property
+    def span(self) -> range:
+        if self.start is None:
+            return range(0)
+        return range(self.start, min(self.start + self.schedule.pipeline_steps, self.steps))
+
+
+def switch_step(ds: Sequence[float], schedule: HybridPlan, steps: int) -> int | None:
+    """The window start the rule gives for a recorded d_0, d_1, ... (None: no window within ``steps``)."""
+    sw = Switch(schedule, steps)
+    for index in range(steps):
+        if sw.mode(index) == "pipe":
+            return index
+        if index < len(ds):
+            sw.record(index, ds[index])
+    return None
+
+
+def resolve_cut(plan: Plan, units: Sequence[Unit]) -> tuple[int, int]:
+    """(stage-0 rank, boundary in ``units``): the plan's cut when it indexes this model's units (the
+    reference models), else the cut that balances this model's units at the plan's speeds (smaller
+    models of the same family, as in tests)."""
+    first = next(r for r in plan.ranks if r.layers is not None and r.layers[0] == 0)
+    other = plan.ranks[1 - first.rank]
+    boundary = first.layers[1]  # type: ignore[index]
+    h = plan.hybrid
+    assert h is not None
+    if h.units != len(units) or units[boundary].name != h.boundary_layer:
+        boundary = balanced_boundary(units, first.speed, other.speed)
+    return first.rank, boundary
+
+
+def replan_stages(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tuple[Plan | None, float]:
+    """The hybrid plan for these two ranks at measured ``speeds`` (branches, stage roles and the cut may
+    change), or None when it predicts no gain. A re-split moves no state (the window has not begun), so
+    any gain is taken rather than only one above ``replanThreshold``."""
+    from dataclasses import replace
+
+    from stadi.families import HybridSchedule
+    from stadi.planner import LINKS, Device, PlanRequest, default_link
+    from stadi.planner import plan as run_planner
+    from stadi.planner.evaluate import predict_seconds
+
+    h = plan.hybrid
+    assert h is not None
+    cpu = any(r.gpu.upper().startswith("CPU") for r in plan.ranks)
+    link = LINKS["pcie"] if cpu else default_link((r.gpu, r.node) for r in plan.ranks)
+    schedule = HybridSchedule(h.window, h.slope_threshold, h.pipeline_steps, h.cap_step)
+    request = replace(PlanRequest.from_spec(spec, link), strategy="hybrid", gpus_min=2, gpus_max=2,
+                      warmup_steps=plan.warmup_steps, hybrid=schedule)
+    pool = [Device(r.gpu, node=r.node, index=r.rank, speed=speeds[r.rank]) for r in plan.ranks]
+    try:
+        fresh = run_planner(request, pool)
+    except ValueError as error:
+        log.warning("hybrid re-plan failed; keeping the plan", extra={"error": str(error)})
+        return None, 0.0
+    # the planner numbers ranks fastest first; the processes are running: map back by process rank
+    by_proc = sorted(fresh.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
+    ranks = [r.model_copy(update={"rank": i, "gpu_index": plan.ranks[i].gpu_index}) for i, r in enumerate(by_proc)]
+    fresh = fresh.model_copy(update={"ranks": ranks})
+    fresh.validate_for(2)
+    old_s = predict_seconds(plan, speeds, plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
+    new_s = predict_seconds(fresh, speeds, plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
+    gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
+    same = [(r.branch, r.layers) for r in fresh.ranks] == [(r.branch, r.layers) for r in plan.ranks]
+    return (None if same or gain <= 0 else fresh), gain
+
+
+def _swap(send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], peer: int) -> None:
+    """Point-to-point sends and receives with the other rank, batched so neither side blocks the other."""
+    ops = [dist.P2POp(dist.isend, t, peer) for t in send] + [dist.P2POp(dist.irecv, t, peer) for t in recv]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+class _Runner:
+    """One image under a hybrid plan on this rank."""
+
+    def __init__(self, pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str,
+                 pacer: Pacer, exact: bool):
+        self.ops = FamilyOps(pipe, spec.model.family)
+        self.spec, self.plan, self.ctx, self.pacer = spec, plan, ctx, pacer
+        branches = self.ops.encode(spec, prompt, True)
+        self.single = {b: batch_branches(branches, [b]) for b in ("uncond", "cond")}
+        self.both = batch_branches(branches, ["uncond", "cond"])
+        self.sampler = BandSampler(make_scheduler(pipe, spec.model.family, spec.scheduler), spec.steps,
+                                   self.ops.device)
+        self.timer = StepTimer(self.ops.device)
+        assert plan.hybrid is not None
+        self.switch = Switch(plan.hybrid, spec.steps, disabled=exact)
+        self.stages: Stages | None = None
+        self.stage0 = 0
+        self.carry: list[torch.Tensor] = []
+        self.peer = 1 - ctx.rank
+        self.shape = self.ops.latent_shape(spec)
+
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return uncond + self.spec.guidance_scale * (cond - uncond)
+
+    def split(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """One condition-split step: our branch, swapped; rank 0's d_t broadcast while deciding."""
+        me = self.plan.ranks[self.ctx.rank]
+        out = self.ops(x, self.sampler.timesteps[index], self.single[me.branch])
+        self.pacer.pace(self.timer.running_compute_ms())
+        parts = [torch.empty_like(out) for _ in range(2)]
+        with self.timer.waiting():
+            dist.all_gather(parts, out.contiguous())
+        by_branch = {r.branch: parts[r.rank] for r in self.plan.ranks}
+        uncond, cond = by_branch["uncond"], by_branch["cond"]
+        if self.switch.deciding:
+            box = ((cond - uncond).abs().mean() / uncond.abs().mean()).double().reshape(1)
+            with self.timer.waiting():
+                dist.broadcast(box, src=0)
+            self.switch.record(index, float(box.item()))
+        return self.guide(uncond, cond)
+
+    def pipe(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """One pipeline step; the window's first step fills the hand-over, its last runs no stage 0."""
+        span = self.switch.span
+        if index == span.start:
+            self._begin_window()
+        assert self.stages is not None
+        t = self.sampler.timesteps[index]
+        eps = torch.empty((1, *self.shape), device=self.ops.device, dtype=self.ops.dtype)
+        fill, last = index == span.start, index == span[-1]
+        if self.ctx.rank == self.stage0:
+            carry = self.stages.first(torch.cat([x, x]), t, self.both) if fill or not last else ()
+            self.pacer.pace(self.timer.running_compute_ms())
+            with self.timer.waiting():
+                if fill:
+                    self._handover_shapes(carry)
+                    _swap(carry, [], self.peer)
+                    _swap([], [eps], self.peer)
+                else:
+                    _swap(carry, [eps], self.peer)
+            return eps
+        if fill:
+            with self.timer.waiting():
+                self._handover_shapes(None)
+                _swap([], self.carry, self.peer)
+        eps = self.guide(*self.stages.second(tuple(self.carry), t, self.both).chunk(2))
+        self.pacer.pace(self.timer.running_compute_ms())
+        with self.timer.waiting():
+            _swap([eps.contiguous()], [] if fill or last else self.carry, self.peer)
+        return eps
+
+    def _begin_window(self) -> None:
+        units = unit_table(self.ops, self.shape[1], self.shape[2])
+        self.stage0, boundary = resolve_cut(self.plan, units)
+        self.stages = Stages(self.ops, self.shape[1], self.shape[2], boundary)
+
+    def _handover_shapes(self, carry: Sequence[torch.Tensor] | None) -> None:
+        """Stage 0 tells stage 1 the hand-over's shapes once per window; stage 1 allocates them."""
+        box: list[Any] = [[tuple(c.shape) for c in carry] if carry is not None else None]
+        dist.broadcast_object_list(box, src=self.stage0,
+                                   device=self.ctx.device if self.ctx.backend == "nccl" else None)
+        if carry is None:
+            self.carry = [torch.empty(s, device=self.ops.device, dtype=self.ops.dtype) for s in box[0]]
+
+
+def generate_hybrid(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
+                    exact: bool = False, on_step: Callable[[int, int], None] | None = None,
+                    replan_after_warmup: bool = False, on_replan: Callable[[GenerationResult], None] | None = None,
+                    pacer: Pacer | None = None, decode: bool = True) -> HybridResult:
+    """Generate one image under a hybrid ``plan``; call on both ranks. ``exact`` keeps the condition split
+    throughout (unified CFG). With ``replan_after_warmup`` the first ``plan.warmup_steps`` steps are timed
+    and the stages may be re-split by measured speed before the window."""
+    run = _Runner(pipe, spec, plan, ctx, prompt, pacer or Pacer(1.0, torch.device("cpu")), exact)
+    sampler, timer, ops = run.sampler, run.timer, run.ops
+    latents = initial_noise(run.shape, seed, sampler.init_noise_sigma).to(ops.device, ops.dtype)
+    result = HybridResult(image=None, latents=None, step_ms=[], plan=plan)
+    warmup = min(plan.warmup_steps, spec.steps)
+    with torch.no_grad():
+        for index in range(spec.steps):
+            if replan_after_warmup and index == warmup > 0 and run.stages is None:
+                _replan(run, result, warmup)
+                if on_replan is not None and ctx.rank == 0:
+                    on_replan(result)
+            mode = run.switch.mode(index)
+            x = sampler.scale(latents, index)
+            timer.start()
+            eps = run.pipe(index, x) if mode == "pipe" else run.split(index, x)
+            timer.stop()
+            latents = sampler.step(eps, index, latents)
+            result.modes.append(mode)
+            if on_step is not None:
+                on_step(index + 1, spec.steps)
+    result.step_ms = timer.ms()
+    result.wait_ms = [max(w - c, 0.0) for w, c in zip(result.step_ms, timer.compute_ms(), strict=True)]
+    result.evals, result.exchanges = list(range(spec.steps)), list(range(spec.steps))
+    result.discrepancy = list(run.switch.ds)
+    if run.stages is not None:
+        span = run.switch.span
+        result.window = (span.start, span.stop)
+        result.boundary_layer = run.stages.units[run.stages.boundary].name
+    if ctx.rank == 0:  # both ranks hold the same latent
+        result.latents = latents
+        result.image = ops.decode(latents) if decode else None
+    return result
+
+
+def _replan(run: _Runner, result: HybridResult, warmup: int) -> None:
+    """Warmup compute medians -> speeds on both ranks; rank 0 re-plans; both adopt its answer."""
+    ctx = run.ctx
+    times: list[float] = [0.0, 0.0]
+    dist.all_gather_object(times, statistics.median(run.timer.compute_ms()[:warmup]))
+    speeds = measured_speeds(run.plan, times, True)
+    box: list[Any] = [None]
+    if ctx.rank == 0:
+        new, gain = replan_stages(run.spec, run.plan, speeds)
+        box = [(new.model_dump_json() if new is not None else None, gain)]
+    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+    new_json, gain = box[0]
+    if new_json is not None:
+        run.plan = Plan.model_validate_json(new_json)
+    result.measured_speeds = [round(v, 6) for v in speeds]
+    result.predicted_gain = round(gain, 6)
+    result.replanned = new_json is not None
+    result.plan = run.plan
+    log.info("hybrid re-plan", extra={"speeds": result.measured_speeds, "gain": result.predicted_gain,
+                                      "replanned": result.replanned})
