@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # The 2xH200 run of `stadi bench speed` (issue 5): install the carried wheels, a tiny GPU smoke run, then
-# SDXL and SD3 (one invocation each, so a slow second model cannot lose the first's figures), merged.
+# SDXL and SD3 (one invocation each, so a slow second model cannot lose the first's figures), with PEER=1 the
+# peer xDiT on the SD3 pipeline (its own invocation: --peer xdit --peer-only), all merged.
+# Env: MODELS ("sdxl sd3"; empty: none), LEVELS / LEVELS_<model> / LEVELS_peer, TMO / TMO_<model> / TMO_peer
+# (seconds per invocation), STEPS, RUNS, SMOKE (1), TAG (name suffix), NAME (merged result), PEER (0),
+# PEER_CONFIGS (all, or e.g. cfg,cfg-compile,pipefusion), PEER_TMO (seconds per peer configuration and level).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STADI_CACHE=/tmp/stadi-cache
+# NVLink multicast stays off (KINDS.md), also in the ranks this harness starts with their own environment
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+# xfuser's and yunchang's wheels put their test/example folders at the top level: 'test' shadows the stdlib's
+(cd /tmp/site && rm -rf test tests benchmark benchmarks docker docs entrypoints examples)
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . > /tmp/pip-self.log 2>&1 || { echo "pip install . failed:"; tail -3 /tmp/pip-self.log; }
 export PATH=/tmp/site/bin:$PATH
@@ -30,11 +38,18 @@ if [ "${SMOKE:-1}" = 1 ]; then
   echo "smoke rc=$?"; tail -25 $W/smoke.log; cat $W/smoke.log >> $LOG
 fi
 A="--device cuda --steps ${STEPS:-50} --runs ${RUNS:-3} --warmup-runs 1 --out-dir $OUT --no-plot"
-for m in ${MODELS:-sdxl sd3}; do  # LEVELS_sdxl / TMO_sdxl etc. override per model
+for m in ${MODELS-sdxl sd3}; do  # LEVELS_sdxl / TMO_sdxl etc. override per model
   lv=$(eval echo \${LEVELS_$m:-${LEVELS:-100,50,25}}); tmo=$(eval echo \${TMO_$m:-${TMO:-250}})
   timeout $tmo $S bench speed $A --levels $lv --models $m --name speed-$m${TAG:-} > $W/speed-$m.log 2>&1
   echo "$m rc=$?"; tail -14 $W/speed-$m.log; cat $W/speed-$m.log >> $LOG
 done
+if [ "${PEER:-0}" = 1 ]; then  # xDiT: same GPUs, SD3 pipeline directory, job, levels and MPS setting of rank 1
+  lv=${LEVELS_peer:-${LEVELS_sd3:-${LEVELS:-100,50,25}}}; tmo=${TMO_peer:-${TMO:-500}}
+  python3 -c "import xfuser" > $W/xfuser-import.log 2>&1 || { echo "xfuser does not import:"; tail -5 $W/xfuser-import.log; }
+  timeout $tmo $S bench speed $A --levels $lv --models sd3 --peer xdit --peer-only --peer-configs ${PEER_CONFIGS:-all} \
+    --peer-timeout ${PEER_TMO:-240} --name speed-peer-sd3${TAG:-} > $W/speed-peer.log 2>&1
+  echo "peer rc=$?"; tail -14 $W/speed-peer.log; cat $W/speed-peer.log >> $LOG
+fi
 cat $W/build.log >> $LOG 2>/dev/null
 ls $OUT/speed-*.json >/dev/null 2>&1 && python3 -m stadi_worker.bench_speed --merge $OUT/speed-*.json $OUT/${NAME:-bench-2xh200}.json
 ls -la $OUT
