@@ -148,6 +148,12 @@ def format_plan(p: Plan) -> str:
             f"{r.rank:>4}  {r.gpu:<24} {r.node or '-':<12} {r.speed:>6.3f}  "
             f"{f'[{r.rows[0]}, {r.rows[1]})':<11} {r.stride:>6}  {r.branch:<6} {r.predicted_step_ms:>8.1f}"
         )
+    if p.hybrid is not None:
+        h = p.hybrid
+        first = next(r for r in p.ranks if r.layers is not None and r.layers[0] == 0)
+        lines += ["", f"pipeline window: {h.pipeline_steps} steps, from the step after the discrepancy's slope over "
+                  f"{h.window} steps drops below {h.slope_threshold:g}, at step {h.cap_step} at the latest; rank "
+                  f"{first.rank} runs units [0, {first.layers[1]}) of {h.units}, the other from {h.boundary_layer}"]
     lines += ["", "strategies compared (predicted seconds):"]
     for name, seconds in sorted(p.alternatives.items(), key=lambda kv: kv[1]):
         lines.append(f"  {'*' if name == p.strategy else ' '} {name:<10} {seconds:8.3f}")

@@ -44,6 +44,14 @@ def test_table_names_strategy_and_ranks(capsys: pytest.CaptureFixture[str]) -> N
     assert f"* {p.strategy}" in out
 
 
+def test_hybrid_table_names_the_cut(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--gpus", "H100,H100", "--model", "sd3", "--strategy", "hybrid"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("strategy hybrid ")
+    assert ("pipeline window: 5 steps, from the step after the discrepancy's slope over 15 steps drops below 0.0005, "
+            "at step 40 at the latest; rank 0 runs units [0, 12) of 24, the other from transformer_blocks.12") in out
+
+
 def test_json_is_a_plan_with_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
     """--json prints a Plan: strategy, ranks (rank, gpu, speed, rows, stride), sync_period, warmup_steps,
     predicted_seconds, alternatives."""
