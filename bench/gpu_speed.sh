@@ -6,21 +6,7 @@
 # (seconds per invocation), STEPS, RUNS, SMOKE (1), TAG (name suffix), NAME (merged result), PEER (0),
 # PEER_CONFIGS (all, or e.g. cfg,cfg-compile,pipefusion), PEER_TMO (seconds per peer configuration and level).
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STADI_CACHE=/tmp/stadi-cache
-# NVLink multicast stays off (KINDS.md), also in the ranks this harness starts with their own environment
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-# xfuser's and yunchang's wheels put their test/example folders at the top level: 'test' shadows the stdlib's
-(cd /tmp/site && rm -rf test tests benchmark benchmarks docker docs entrypoints examples)
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . > /tmp/pip-self.log 2>&1 || { echo "pip install . failed:"; tail -3 /tmp/pip-self.log; }
-export PATH=/tmp/site/bin:$PATH
-if ! python3 -c "import stadi_worker.bench_speed" 2>/dev/null; then  # fall back: the tree itself + entry points
-  export PYTHONPATH=/tmp/site:$PWD:$PWD/worker
-  D=/tmp/site/stadi_local-0.dist-info; mkdir -p $D
-  printf 'Metadata-Version: 2.1\nName: stadi-local\nVersion: 0\n' > $D/METADATA
-  printf '[stadi.commands]\nworker = stadi_worker.commands:register\n' > $D/entry_points.txt
-fi
+. bench/gpu_env.sh
 S="python3 -m stadi.cli"
 OUT=${OUT:-/tmp/out}; W=/tmp/sp; mkdir -p $OUT $W; LOG=$OUT/run.log
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

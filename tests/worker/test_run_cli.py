@@ -346,8 +346,10 @@ gen = types.ModuleType("stadi_worker.generate")
 gen.generate = generate
 pipelines = types.ModuleType("stadi_worker.pipelines")
 pipelines.load_pipeline = lambda source, device, cache_dir: None
+bands = types.ModuleType("stadi_worker.bands")
+bands.Workspace = lambda: None
 sys.modules.update({"stadi_worker.runtime": runtime, "stadi_worker.generate": gen,
-                    "stadi_worker.pipelines": pipelines})
+                    "stadi_worker.pipelines": pipelines, "stadi_worker.bands": bands})
 '''
 
 

@@ -145,6 +145,7 @@ def run_rank(config: dict[str, Any]) -> None:
     import torch
 
     from stadi.api import DiffusionJobSpec
+    from stadi_worker.bands import Workspace
     from stadi_worker.fidelity import psnr, ssim
     from stadi_worker.generate import generate, generate_serial, step_cost_at_unit_speed
     from stadi_worker.pipelines import FamilyOps, load_pipeline
@@ -172,17 +173,18 @@ def run_rank(config: dict[str, Any]) -> None:
                 pipe.vae.to(torch.float32)  # decode for fidelity only (untimed); fp16 VAEs overflow
             load_s = time.perf_counter() - t_load
             ops = FamilyOps(pipe, family)
+            ws = Workspace()  # one per pipeline: the graphs of every strategy are captured once
             res: dict[str, Any] = {"load_s": round(load_s, 2), "strategies": {}}
             images: dict[str, Any] = {}
             world = ctx.world_size
             warm, runs = int(config["warmup_runs"]), int(config["runs"])
 
-            def slow_serial(spec: Any = spec, pipe: Any = pipe) -> Any:
+            def slow_serial(spec: Any = spec, pipe: Any = pipe, ws: Any = ws) -> Any:
                 from stadi_worker.emulate import Pacer
                 if factor > 1.0 and ctx.device.type == "cpu":
                     # CPU emulation of a slow device for the single-GPU time: pace every step
                     return _paced_serial(pipe, spec, prompt, seed, Pacer(factor, ctx.device))
-                return generate_serial(pipe, spec, prompt, seed, decode=False)
+                return generate_serial(pipe, spec, prompt, seed, decode=False, workspace=ws)
 
             # single: every rank alone at once (rank 0 at full speed is the fastest GPU)
             entry = _measure(ctx, slow_serial, warm, runs)
@@ -222,9 +224,10 @@ def run_rank(config: dict[str, Any]) -> None:
                         continue
                     replan_flag = name == "auto"
 
-                    def fn(p: Any = p, replan_flag: bool = replan_flag, spec: Any = spec, pipe: Any = pipe) -> Any:
+                    def fn(p: Any = p, replan_flag: bool = replan_flag, spec: Any = spec, pipe: Any = pipe,
+                           ws: Any = ws) -> Any:
                         return generate(pipe, spec, p, ctx, prompt, seed, replan_after_warmup=replan_flag,
-                                        slowdown=factor, decode=False)
+                                        slowdown=factor, decode=False, workspace=ws)
 
                     try:
                         entry = _measure(ctx, fn, warm, runs)
@@ -251,7 +254,7 @@ def run_rank(config: dict[str, Any]) -> None:
                     res["strategies"][name]["psnr"] = round(min(psnr(img, ref), 100.0), 3)
                     res["strategies"][name]["ssim"] = round(ssim(img, ref), 6)
             report["models"][family] = res
-            del pipe, ops, images
+            del pipe, ops, images, ws
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             _barrier(ctx)

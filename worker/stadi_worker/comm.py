@@ -1,19 +1,26 @@
 """Band geometry and the communication manager of displaced patch parallelism (DistriFusion-style).
 
-Every wrapped layer owns a slot in the ``CommManager``: the buffers holding every band's last exchanged
-tensor and, in stale mode, the handle of the exchange in flight. Layers call ``gather`` with their fresh
-local tensor and get one tensor per band back: fresh for every band in synchronous mode; in stale mode their
-own fresh tensor and the other bands' tensors from the previous step, while this step's exchange runs in the
-background (``async_op=True``) until the same layer asks again one step later.
+Every wrapped layer owns a slot in the ``CommManager``: persistent send and receive buffers holding every
+band's last exchanged tensor. A layer calls ``exchange`` with its fresh local tensor and a ``combine``
+function that turns one tensor per band into what the layer needs (a halo concatenation, full-image K/V,
+pooled GroupNorm statistics). In synchronous mode every band's tensor is fresh (a blocking all_gather). In
+stale mode ``combine`` reads the other bands' tensors of the previous exchange, ours fresh; then this
+step's all_gather starts on a side stream into the same buffers, overlapped with the layers that follow,
+and the step joins it at its end (``end_step``).
+
+The buffers are allocated once, outside any capture, at fixed addresses: so a whole denoiser step, its
+collectives included, can be captured as a CUDA graph and replayed (``graphs.StepGraphs``). Reading the
+stale buffers before overwriting them is safe because ``combine`` materialises a new tensor (cat, stack)
+and the side stream waits for everything the step enqueued before it.
 
 With strided sub-grids (DESIGN section 4) only window starts are shared by every rank: there the mode is
-stale (the exchange of the latest activations starts, asynchronously); the steps a fast rank takes inside a
-window are local: no collective, each layer waits for the exchange in flight at its first use and then
-reuses the other bands' context from the last exchange.
+stale (the exchange of the latest activations starts); the steps a fast rank takes inside a window are
+local: no collective, the other bands' context of the last exchange.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -95,23 +102,36 @@ def all_gather_uneven(tensor: torch.Tensor, sizes: list[int], dim: int, group: A
 
 @dataclass
 class _Slot:
-    buffers: list[torch.Tensor] | None = None
-    pending: tuple[Any, list[torch.Tensor], Any] | None = None
+    """One layer's persistent buffers: ``send`` (our tensor padded to the largest band) and ``recv``
+    (world, *send.shape); band i's tensor is ``recv[i]`` narrowed to ``sizes[i]`` along ``dim``."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+    sizes: list[int]
+    dim: int
+    filled: bool = False
+
+    def parts(self) -> list[torch.Tensor]:
+        return [self.recv[i].narrow(self.dim, 0, n) for i, n in enumerate(self.sizes)]
 
 
 @dataclass
 class CommManager:
-    """Owns the per-layer exchange buffers and async handles of one patch-parallel group."""
+    """Owns the per-layer exchange buffers of one patch-parallel group, and the side stream of stale
+    exchanges on a GPU."""
 
     layout: BandLayout
     group: Any = None  # a ProcessGroup, or None for the default (world) group
     backend: str = "gloo"
     sync: bool = True
     local: bool = False  # inside a window: no collective, the last exchange's context
-    slots: dict[int, _Slot] = field(default_factory=dict)
+    slots: dict[int, _Slot | None] = field(default_factory=dict)
     bytes_sent: int = 0
     exchanges: int = 0  # denoiser steps that started an exchange (sync or stale), counted not timed
     waiting: Any = None  # () -> context manager timing blocked waits (StepTimer.waiting), or None
+    _side: Any = None  # the CUDA stream of stale exchanges (created on first use)
+    _forked: bool = False  # a stale exchange was enqueued on the side stream this step
+    _pending: list[Any] = field(default_factory=list)  # asynchronous Gloo exchanges of this step
 
     @property
     def size(self) -> int:
@@ -120,7 +140,7 @@ class CommManager:
     def new_key(self) -> int:
         """A slot for one wrapped layer; keys are handed out in module order, the same on every rank."""
         key = len(self.slots)
-        self.slots[key] = _Slot()
+        self.slots[key] = None
         return key
 
     def begin_step(self, sync: bool, mode: Literal["exchange", "local"] = "exchange") -> None:
@@ -131,52 +151,78 @@ class CommManager:
         if not self.local and self.size > 1:
             self.exchanges += 1
 
-    def _wait(self) -> AbstractContextManager[Any]:
-        return self.waiting() if self.waiting is not None else nullcontext()
+    def end_step(self) -> None:
+        """Join this step's stale exchanges (they ran beside the later layers: on the GPU on the side
+        stream, on the CPU as asynchronous Gloo work)."""
+        if self._pending:
+            with self._wait():
+                for work in self._pending:
+                    work.wait()
+            self._pending.clear()
+        if self._forked:
+            torch.cuda.current_stream().wait_stream(self._side)
+            self._forked = False
 
-    def gather(self, key: int, local: torch.Tensor, sizes: list[int], dim: int) -> list[torch.Tensor]:
-        """Every band's tensor for layer ``key`` (group order); ours is ``local`` itself."""
-        if self.size == 1:
-            return [local]
+    def _wait(self) -> AbstractContextManager[Any]:
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return self.waiting() if self.waiting is not None and not capturing else nullcontext()
+
+    def _slot(self, key: int, local: torch.Tensor, sizes: list[int], dim: int) -> _Slot:
         slot = self.slots[key]
-        if self.local:
-            if slot.pending is not None:  # first use inside the window: wait for the window-start exchange
-                self._finish(slot)
-            if slot.buffers is None:
-                raise RuntimeError(f"layer slot {key}: a local step before any exchange")
-            out = list(slot.buffers)
-            out[self.layout.index] = local
+        shape = list(local.shape)
+        shape[dim] = max(sizes)
+        if slot is None or list(slot.send.shape) != shape or slot.sizes != sizes:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"layer slot {key}: exchange buffers must exist before a CUDA graph capture")
+            send = local.new_empty(shape)
+            slot = _Slot(send=send, recv=local.new_empty([self.size, *shape]), sizes=list(sizes), dim=dim)
+            self.slots[key] = slot
+        return slot
+
+    @staticmethod
+    def _stage(slot: _Slot, local: torch.Tensor) -> None:
+        slot.send.narrow(slot.dim, 0, local.shape[slot.dim]).copy_(local)
+
+    def _all_gather(self, slot: _Slot, async_op: bool = False) -> Any:
+        """Every band's ``send`` (ours zero-padded to the largest band) into ``slot.recv``: one collective."""
+        slot.filled = True
+        if self.backend == "nccl":
+            return dist.all_gather_into_tensor(slot.recv, slot.send, group=self.group, async_op=async_op)
+        # Gloo: a list of views of the one buffer
+        return dist.all_gather(list(slot.recv.unbind(0)), slot.send, group=self.group, async_op=async_op)
+
+    def exchange(self, key: int, local: torch.Tensor, sizes: list[int], dim: int,
+                 combine: Callable[[list[torch.Tensor]], Any]) -> Any:
+        """``combine`` of every band's tensor for layer ``key`` (group order; ours is ``local`` itself),
+        fresh (sync) or from the last exchange (stale, local); a stale step then starts its exchange."""
+        if self.size == 1:
+            return combine([local])
+        dim = dim % local.dim()
+        slot = self._slot(key, local, sizes, dim)
+        fresh = self.sync or (not self.local and not slot.filled)
+        if not fresh and not slot.filled:
+            raise RuntimeError(f"layer slot {key}: a local step before any exchange")
+        if fresh:
+            self.bytes_sent += local.numel() * local.element_size()
+            self._stage(slot, local)
+            with self._wait():
+                self._all_gather(slot)
+        parts = slot.parts()
+        parts[self.layout.index] = local
+        out = combine(parts)
+        if fresh or self.local:
             return out
         self.bytes_sent += local.numel() * local.element_size()
-        if self.sync or (slot.buffers is None and slot.pending is None):
-            if slot.pending is not None:  # keep the collective sequence identical on every rank
-                self._finish(slot)
-            with self._wait():
-                _, recv, trim = all_gather_uneven(local, sizes, dim, self.group, self.backend)
-            out = trim(recv)
-            out[self.layout.index] = local
-            slot.buffers = out
-            return list(out)
-        if slot.pending is not None:
-            self._finish(slot)
-        assert slot.buffers is not None
-        out = list(slot.buffers)
-        out[self.layout.index] = local
-        # the send buffer must not change while in flight: the model may reuse ``local``'s storage
-        slot.pending = all_gather_uneven(local.clone(), sizes, dim, self.group, self.backend, async_op=True)
+        # staged on the compute stream: ``local``'s memory may be reused as soon as the layer returns
+        self._stage(slot, local)
+        if local.device.type != "cuda":
+            self._pending.append(self._all_gather(slot, async_op=True))
+            return out
+        if self._side is None:
+            self._side = torch.cuda.Stream(local.device)
+        # the side stream waits for everything enqueued so far: ``combine`` has read the old buffers
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            self._all_gather(slot)
+        self._forked = True
         return out
-
-    def _finish(self, slot: _Slot) -> None:
-        assert slot.pending is not None
-        work, recv, trim = slot.pending
-        if work is not None:
-            with self._wait():
-                work.wait()
-        slot.buffers = trim(recv)
-        slot.pending = None
-
-    def drain(self) -> None:
-        """Wait for every exchange in flight (end of the loop), so no collective outlives the generation."""
-        for slot in self.slots.values():
-            if slot.pending is not None:
-                self._finish(slot)

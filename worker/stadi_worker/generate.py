@@ -23,9 +23,8 @@ import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, Plan
 from stadi.families import profile
-from stadi_worker.comm import BandLayout, CommManager, all_gather_uneven
+from stadi_worker.bands import Bands, Workspace, guide
 from stadi_worker.emulate import Pacer, green_context, slowdown_factor
-from stadi_worker.layers import patch_denoiser
 from stadi_worker.pipelines import FamilyOps, batch_branches, make_scheduler
 from stadi_worker.runtime import DistContext, check_plan
 from stadi_worker.sampling import BandSampler, StepTimer, denoise_loop, is_boundary, subgrid
@@ -56,89 +55,31 @@ def initial_noise(shape: tuple[int, int, int], seed: int, sigma: float) -> torch
     return torch.randn((1, *shape), generator=g, dtype=torch.float32) * sigma
 
 
-def _guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    return uncond + scale * (cond - uncond)
-
-
 def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *,
                     on_step: Callable[[int, int], None] | None = None, decode: bool = True,
-                    **_: Any) -> GenerationResult:
+                    workspace: Workspace | None = None, **_: Any) -> GenerationResult:
     """One process, the same loop, no communication: the reference of every parallel run."""
     ops = FamilyOps(pipe, spec.model.family)
+    graphs = (workspace or Workspace()).graphs_for(ops.device)
     guidance = spec.uses_cfg
     order = ["uncond", "cond"] if guidance else ["cond"]
     cond = batch_branches(ops.encode(spec, prompt, guidance), order)
+    keys, values = list(cond), list(cond.values())
     sampler = BandSampler(make_scheduler(pipe, spec.model.family, spec.scheduler), spec.steps, ops.device)
     latents = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma).to(ops.device, ops.dtype)
     timer = StepTimer(ops.device)
 
+    def forward(x: torch.Tensor, t: torch.Tensor, *c: torch.Tensor) -> torch.Tensor:
+        out = ops(torch.cat([x] * len(order)), t, dict(zip(keys, c, strict=True)))
+        return guide(*out.chunk(2), spec.guidance_scale) if guidance else out
+
     def eps_fn(x: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
-        out = ops(torch.cat([x] * len(order)), t, cond)
-        return _guide(*out.chunk(2), spec.guidance_scale) if guidance else out
+        return graphs.run(("serial", id(ops.denoiser), spec.guidance_scale, guidance), forward, x, t, *values)
 
     latents = denoise_loop(sampler, latents, eps_fn, timer, on_step)
     return GenerationResult(image=ops.decode(latents) if decode else None, latents=latents,
                             step_ms=timer.ms(), evals=list(sampler.grid),
                             wait_ms=[0.0] * len(sampler.grid))
-
-
-def _groups(plan: Plan, rank: int) -> tuple[list[int], Any]:
-    """The ranks that split the height with us, and their process group (None: the world).
-
-    With a condition split every rank must create both subgroups, in the same order (new_group is
-    collective over the world)."""
-    if plan.ranks[rank].branch == "both":
-        return [r.rank for r in plan.ranks], None
-    members = {b: [r.rank for r in plan.ranks if r.branch == b] for b in ("cond", "uncond")}
-    groups = {b: dist.new_group(members[b]) for b in ("cond", "uncond")}
-    mine = plan.ranks[rank].branch
-    return members[mine], groups[mine]
-
-
-def _assemble(parts: list[torch.Tensor], plan: Plan, ranks: list[int]) -> torch.Tensor:
-    """Full-height tensor from the bands of ``ranks`` (world-ordered ``parts``), top to bottom."""
-    ranks = sorted(ranks, key=lambda r: plan.ranks[r].rows[0])
-    return torch.cat([parts[r] for r in ranks], dim=-2)
-
-
-class _Bands:
-    """This rank's share under one plan: its band, its group, the comm manager and the wrapped denoiser."""
-
-    def __init__(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext,
-                 branches: dict[str, dict[str, torch.Tensor]], timer: StepTimer):
-        self.ops, self.spec, self.plan, self.ctx, self.timer = ops, spec, plan, ctx, timer
-        self.guidance = spec.uses_cfg
-        me = plan.ranks[ctx.rank]
-        self.split = me.branch != "both"
-        self.members, group = _groups(plan, ctx.rank)
-        layout = BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
-                            index=self.members.index(ctx.rank), height=plan.latent_height)
-        self.comm = CommManager(layout=layout, group=group, backend=ctx.backend, waiting=timer.waiting)
-        self.order = [me.branch] if self.split else (["uncond", "cond"] if self.guidance else ["cond"])
-        self.cond = batch_branches(branches, self.order)
-        self.start, self.end = me.rows
-        self.world_rows = [r.height for r in plan.ranks]
-        self.restore = patch_denoiser(ops.denoiser, self.comm)
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The guided noise prediction for our band ``x``."""
-        out = self.ops(torch.cat([x] * len(self.order)), t, self.cond)
-        if not self.split:
-            return _guide(*out.chunk(2), self.spec.guidance_scale) if self.guidance else out
-        # condition split: every rank needs the other branch's prediction for its rows; predictions are
-        # small (latent channels only), so all ranks gather both full frames and cut out their band
-        with self.timer.waiting():
-            _, recv, trim = all_gather_uneven(out, self.world_rows, dim=-2, backend=self.ctx.backend)
-            parts = trim(recv)
-        plan = self.plan
-        branch = {b: _assemble(parts, plan, [r.rank for r in plan.ranks if r.branch == b])
-                  for b in ("uncond", "cond")}
-        return _guide(branch["uncond"], branch["cond"], self.spec.guidance_scale)[..., self.start:self.end, :]
-
-    def gather_full(self, band: torch.Tensor) -> torch.Tensor:
-        """The full-height tensor from every rank's band (collective over the world)."""
-        _, recv, trim = all_gather_uneven(band.contiguous(), self.world_rows, dim=-2, backend=self.ctx.backend)
-        return _assemble(trim(recv), self.plan, self.members)
 
 
 def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool) -> float:
@@ -209,7 +150,8 @@ def _period(plan: Plan, exact: bool) -> int:
 def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
              exact: bool = False, on_step: Callable[[int, int], None] | None = None,
              replan_after_warmup: bool = False, on_replan: Callable[[GenerationResult], None] | None = None,
-             slowdown: float | None = None, decode: bool = True) -> GenerationResult:
+             slowdown: float | None = None, decode: bool = True,
+             workspace: Workspace | None = None) -> GenerationResult:
     """Generate one image of ``prompt`` under ``plan``; call on every rank of the group.
 
     Each rank denoises its band of latent rows; the first ``plan.warmup_steps`` steps (all of them with
@@ -218,11 +160,13 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
     ``replan_after_warmup`` the warmup is profiled and the plan may change (``on_replan`` gets the measured
     speeds and the new plan on rank 0). ``slowdown`` (default: env STADI_SLOWDOWN) emulates a slower
     device, for tests and benchmarks. The final latent is gathered and (unless ``decode`` is False, as in
-    the speed benchmark) decoded on rank 0.
+    the speed benchmark) decoded on rank 0. Pass one ``workspace`` to every call on the same pipeline so
+    the band wrappers and CUDA graphs of a plan are built once.
     """
     check_plan(plan, spec, ctx)
+    workspace = workspace or Workspace()
     if ctx.world_size == 1:
-        return generate_serial(pipe, spec, prompt, seed, on_step=on_step, decode=decode)
+        return generate_serial(pipe, spec, prompt, seed, on_step=on_step, decode=decode, workspace=workspace)
     factor = slowdown if slowdown is not None else slowdown_factor(ctx.rank)
     with green_context(factor, ctx.device):
         if plan.strategy == "hybrid":
@@ -232,13 +176,13 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
                                    replan_after_warmup=replan_after_warmup, on_replan=on_replan,
                                    pacer=Pacer(factor, ctx.device), decode=decode)
         return _generate(pipe, spec, plan, ctx, prompt, seed, exact, on_step, replan_after_warmup, on_replan,
-                         Pacer(factor, ctx.device), decode)
+                         Pacer(factor, ctx.device), decode, workspace)
 
 
 def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int,
               exact: bool, on_step: Callable[[int, int], None] | None, replan_after_warmup: bool,
               on_replan: Callable[[GenerationResult], None] | None, pacer: Pacer,
-              decode: bool = True) -> GenerationResult:
+              decode: bool, workspace: Workspace) -> GenerationResult:
     ops = FamilyOps(pipe, spec.model.family)
     guidance = spec.uses_cfg
     branches = ops.encode(spec, prompt, guidance)
@@ -246,15 +190,18 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
     sampler = BandSampler(make_scheduler(pipe, spec.model.family, spec.scheduler), steps, ops.device)
     full = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma)
     timer = StepTimer(ops.device)
-    bands = _Bands(ops, spec, plan, ctx, branches, timer)
+    bands = workspace.bands(ops, spec, plan, ctx)
+    bands.enter(branches, timer)
     latents = full[..., bands.start:bands.end, :].to(ops.device, ops.dtype)
     warmup = steps if exact else min(plan.warmup_steps, steps)
     result = GenerationResult(image=None, latents=None, step_ms=[], plan=plan)
+    fresh = True  # the first step on a share exchanges synchronously: its buffers hold another image's context
 
     def run(index: int, mode: str) -> None:
-        nonlocal latents
+        nonlocal latents, fresh
         x_in = sampler.scale(latents, index)
-        bands.comm.begin_step(sync=exact or index < warmup, mode=mode)  # type: ignore[arg-type]
+        bands.comm.begin_step(sync=exact or index < warmup or fresh, mode=mode)  # type: ignore[arg-type]
+        fresh = False
         if mode == "exchange":
             result.exchanges.append(index)
         timer.start()
@@ -272,16 +219,18 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
             for index in range(warmup):
                 run(index, "exchange")
             if replan_after_warmup and 0 < warmup < steps and plan.strategy != "single":
-                new, result = _replan_step(spec, bands, timer, warmup, result, ctx)
+                profiled = bands.profile_ms(sampler.scale(latents, warmup), sampler.timesteps[warmup])
+                new, result = _replan_step(spec, bands, timer, warmup, result, ctx, profiled)
                 if new is not None:
                     # bands re-cut once: gather the full latent (and band-shaped scheduler state), re-slice
                     new_start, new_end = new.ranks[ctx.rank].rows
                     old = bands
                     sampler.map_state(lambda t: old.gather_full(t)[..., new_start:new_end, :], like=latents)
                     full_latents = old.gather_full(latents)
-                    old.comm.drain()
-                    old.restore()
-                    bands = _Bands(ops, spec, new, ctx, branches, timer)  # fresh activation caches
+                    old.leave()
+                    bands = workspace.bands(ops, spec, new, ctx)
+                    bands.enter(branches, timer)
+                    fresh = True
                     latents = full_latents[..., new_start:new_end, :].contiguous()
                 if on_replan is not None and ctx.rank == 0:
                     on_replan(result)
@@ -291,9 +240,8 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
             sampler.set_grid(subgrid(steps, warmup, stride, period))
             for index in sampler.grid[warmup:]:
                 run(index, "exchange" if is_boundary(index, steps, warmup, period) else "local")
-            bands.comm.drain()
     finally:
-        bands.restore()
+        bands.leave()
     result.step_ms = timer.ms()
     result.wait_ms = [max(w - c, 0.0) for w, c in zip(result.step_ms, timer.compute_ms(), strict=True)]
     # final latent: gathered by band height; rank 0 assembles its own group's bands
@@ -305,10 +253,11 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
     return result
 
 
-def _replan_step(spec: DiffusionJobSpec, bands: _Bands, timer: StepTimer, warmup: int,
-                 result: GenerationResult, ctx: DistContext) -> tuple[Plan | None, GenerationResult]:
-    """Medians of the warmup compute times -> speeds on every rank; rank 0 plans; everyone gets its answer."""
-    mine = statistics.median(timer.compute_ms()[:warmup])
+def _replan_step(spec: DiffusionJobSpec, bands: Bands, timer: StepTimer, warmup: int, result: GenerationResult,
+                 ctx: DistContext, profiled: float | None) -> tuple[Plan | None, GenerationResult]:
+    """Compute time per step on every rank (the profiled band step on a GPU, else the median of the warmup
+    steps less their waits) -> speeds; rank 0 plans; everyone gets its answer."""
+    mine = profiled if profiled is not None else statistics.median(timer.compute_ms()[:warmup])
     times: list[float] = [0.0] * ctx.world_size
     dist.all_gather_object(times, mine)
     plan = bands.plan

@@ -191,7 +191,13 @@ def run_job(
     if load_pipeline is None:
         from stadi_worker.pipelines import load_pipeline
     if generate is None:
-        from stadi_worker.generate import generate
+        from functools import partial
+
+        from stadi_worker.bands import Workspace
+        from stadi_worker.generate import generate as generate_one
+
+        # one workspace for the job: the plan's band wrappers and CUDA graphs are built for the first image
+        generate = partial(generate_one, workspace=Workspace())
     rank = ctx.rank
     lead = rank == 0
     if lead and store is None:

@@ -40,16 +40,19 @@ class PatchConv2d(nn.Module):
             raise ValueError(f"band of {h} rows too small or misaligned for {self.conv}")
         # what our neighbours need from us: our first rows go up, our last rows go down
         send = torch.cat([x[..., :bottom, :], x[..., h - top:, :]], dim=-2)
-        parts = self.comm.gather(self.key, send, [top + bottom] * self.comm.size, dim=-2)
         above, below = self.comm.layout.above, self.comm.layout.below
-        pieces = []
-        if top:
-            edge = x.new_zeros(*x.shape[:-2], top, x.shape[-1])
-            pieces.append(parts[above][..., bottom:, :] if above is not None else edge)
-        pieces.append(x if self.bottom >= 0 else x[..., : h + self.bottom, :])
-        if bottom:
-            edge = x.new_zeros(*x.shape[:-2], bottom, x.shape[-1])
-            pieces.append(parts[below][..., :bottom, :] if below is not None else edge)
-        ext = torch.cat(pieces, dim=-2)
+
+        def extend(parts: list[torch.Tensor]) -> torch.Tensor:
+            pieces = []
+            if top:
+                edge = x.new_zeros(*x.shape[:-2], top, x.shape[-1])
+                pieces.append(parts[above][..., bottom:, :] if above is not None else edge)
+            pieces.append(x if self.bottom >= 0 else x[..., : h + self.bottom, :])
+            if bottom:
+                edge = x.new_zeros(*x.shape[:-2], bottom, x.shape[-1])
+                pieces.append(parts[below][..., :bottom, :] if below is not None else edge)
+            return torch.cat(pieces, dim=-2)
+
+        ext = self.comm.exchange(self.key, send, [top + bottom] * self.comm.size, dim=-2, combine=extend)
         c = self.conv
         return F.conv2d(ext, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)

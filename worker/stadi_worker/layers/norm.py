@@ -29,11 +29,15 @@ class PatchGroupNorm(nn.Module):
         mean = xf.mean(-1)
         m2 = (xf - mean[..., None]).square().sum(-1)
         stats = torch.stack([torch.full_like(mean, count), mean, m2], dim=-1)
-        parts = torch.stack(self.comm.gather(self.key, stats, [b] * self.comm.size, dim=0))
-        counts, means, m2s = parts.unbind(-1)
-        total = counts.sum(0)
-        gmean = (counts * means).sum(0) / total
-        var = (m2s + counts * (means - gmean).square()).sum(0) / total
+
+        def pool(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            counts, means, m2s = torch.stack(parts).unbind(-1)
+            total = counts.sum(0)
+            gmean = (counts * means).sum(0) / total
+            var = (m2s + counts * (means - gmean).square()).sum(0) / total
+            return gmean, var
+
+        gmean, var = self.comm.exchange(self.key, stats, [b] * self.comm.size, dim=0, combine=pool)
         y = ((xf - gmean[..., None]) * torch.rsqrt(var + n.eps)[..., None]).reshape(x.shape).to(x.dtype)
         if n.affine:
             shape = (1, c) + (1,) * (x.dim() - 2)

@@ -1,0 +1,164 @@
+"""One rank's share of the work under a plan (``Bands``), and what a loaded pipeline keeps across images
+(``Workspace``): the band wrappers, exchange buffers and process groups of every plan it ran, and the CUDA
+graphs of their steps. Building these once per plan, not once per image, is what lets the second image of
+a plan replay graphs instead of capturing them again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stadi.api import DiffusionJobSpec, Plan
+from stadi_worker.comm import BandLayout, CommManager, all_gather_uneven
+from stadi_worker.graphs import StepGraphs, graphs_enabled
+from stadi_worker.layers import DenoiserPatch
+from stadi_worker.pipelines import FamilyOps, batch_branches
+from stadi_worker.runtime import DistContext
+from stadi_worker.sampling import StepTimer
+
+
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance."""
+    return uncond + scale * (cond - uncond)
+
+
+def _groups(plan: Plan, rank: int) -> tuple[list[int], Any]:
+    """The ranks that split the height with us, and their process group (None: the world).
+
+    With a condition split every rank must create both subgroups, in the same order (new_group is
+    collective over the world)."""
+    if plan.ranks[rank].branch == "both":
+        return [r.rank for r in plan.ranks], None
+    members = {b: [r.rank for r in plan.ranks if r.branch == b] for b in ("cond", "uncond")}
+    groups = {b: dist.new_group(members[b]) for b in ("cond", "uncond")}
+    mine = plan.ranks[rank].branch
+    return members[mine], groups[mine]
+
+
+def assemble(parts: list[torch.Tensor], plan: Plan, ranks: list[int]) -> torch.Tensor:
+    """Full-height tensor from the bands of ``ranks`` (world-ordered ``parts``), top to bottom."""
+    ranks = sorted(ranks, key=lambda r: plan.ranks[r].rows[0])
+    return torch.cat([parts[r] for r in ranks], dim=-2)
+
+
+class Bands:
+    """This rank's share under one plan: its band, its group, the comm manager and the band wrappers."""
+
+    def __init__(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, graphs: StepGraphs):
+        self.ops, self.spec, self.plan, self.ctx, self.graphs = ops, spec, plan, ctx, graphs
+        self.guidance = spec.uses_cfg
+        me = plan.ranks[ctx.rank]
+        self.split = me.branch != "both"
+        self.members, group = _groups(plan, ctx.rank)
+        layout = BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
+                            index=self.members.index(ctx.rank), height=plan.latent_height)
+        self.comm = CommManager(layout=layout, group=group, backend=ctx.backend)
+        self.order = [me.branch] if self.split else (["uncond", "cond"] if self.guidance else ["cond"])
+        self.start, self.end = me.rows
+        self.world_rows = [r.height for r in plan.ranks]
+        self.patch = DenoiserPatch(ops.denoiser, self.comm)
+        self.timer: StepTimer | None = None
+        self._cond_keys: list[str] = []
+        self._cond: list[torch.Tensor] = []
+
+    def enter(self, branches: dict[str, dict[str, torch.Tensor]], timer: StepTimer) -> None:
+        """Use this share for one image: its prompt's conditioning, its step timer, the band wrappers."""
+        cond = batch_branches(branches, self.order)
+        self._cond_keys, self._cond = list(cond), list(cond.values())
+        self.timer = timer
+        self.comm.waiting = timer.waiting
+        self.patch.apply()
+
+    def leave(self) -> None:
+        self.patch.restore()
+        self.comm.end_step()
+
+    @property
+    def phase(self) -> str:
+        return "sync" if self.comm.sync else ("local" if self.comm.local else "exchange")
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        out = self.ops(torch.cat([x] * len(self.order)), t, dict(zip(self._cond_keys, cond, strict=True)))
+        self.comm.end_step()
+        if not self.split and self.guidance:
+            return guide(*out.chunk(2), self.spec.guidance_scale)
+        return out
+
+    def _key(self) -> Hashable:
+        return id(self), self.phase
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided noise prediction for our band ``x`` (one graph replay per step on a GPU)."""
+        out = self.graphs.run(self._key(), self._forward, x, t, *self._cond)
+        if not self.split:
+            return out
+        # condition split: every rank needs the other branch's prediction for its rows; predictions are
+        # small (latent channels only), so all ranks gather both full frames and cut out their band
+        assert self.timer is not None
+        with self.timer.waiting():
+            _, recv, trim = all_gather_uneven(out, self.world_rows, dim=-2, backend=self.ctx.backend)
+            parts = trim(recv)
+        plan = self.plan
+        branch = {b: assemble(parts, plan, [r.rank for r in plan.ranks if r.branch == b])
+                  for b in ("uncond", "cond")}
+        return guide(branch["uncond"], branch["cond"], self.spec.guidance_scale)[..., self.start:self.end, :]
+
+    def profile_ms(self, x: torch.Tensor, t: torch.Tensor, repeats: int = 2) -> float | None:
+        """Compute time of one of our band steps with no peer to wait for (a local step on the last
+        exchange's context, output discarded), for the re-plan on a GPU, where a synchronous warmup step
+        replayed as a graph cannot tell computing from waiting. None where no band exchange exists."""
+        if self.comm.size == 1 or not self.graphs.enabled:
+            return None
+        self.comm.begin_step(sync=False, mode="local")
+        key = self._key()
+        while not self.graphs.captured(key, x, t, *self._cond):
+            self.graphs.run(key, self._forward, x, t, *self._cond)
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            self.graphs.run(key, self._forward, x, t, *self._cond)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    def gather_full(self, band: torch.Tensor) -> torch.Tensor:
+        """The full-height tensor from every rank's band (collective over the world)."""
+        _, recv, trim = all_gather_uneven(band.contiguous(), self.world_rows, dim=-2, backend=self.ctx.backend)
+        return assemble(trim(recv), self.plan, self.members)
+
+
+def _plan_key(plan: Plan) -> Hashable:
+    return plan.latent_height, plan.latent_width, tuple((r.rows, r.branch) for r in plan.ranks)
+
+
+@dataclass
+class Workspace:
+    """What one loaded pipeline keeps on one rank across images: ``Bands`` per plan and the step graphs.
+
+    Pass the same workspace to every ``generate`` call of a pipeline (a job, a benchmark); a workspace
+    belongs to one pipeline and one process group."""
+
+    graphs: StepGraphs | None = None
+    _bands: dict[Hashable, Bands] = field(default_factory=dict)
+
+    def graphs_for(self, device: torch.device) -> StepGraphs:
+        if self.graphs is None:
+            self.graphs = StepGraphs(enabled=graphs_enabled(device))
+        return self.graphs
+
+    def bands(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext) -> Bands:
+        """The share of this rank under ``plan``, built on first use (collectively: every rank asks for the
+        same plans in the same order, as the plan is broadcast)."""
+        key = (id(ops.denoiser), _plan_key(plan), spec.guidance_scale, spec.uses_cfg)
+        found = self._bands.get(key)
+        if found is None:
+            found = self._bands[key] = Bands(ops, spec, plan, ctx, self.graphs_for(ctx.device))
+        return found
