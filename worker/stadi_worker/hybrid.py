@@ -150,7 +150,8 @@ def replan_stages(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tu
 
 def _swap(send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], peer: int) -> None:
     """Point-to-point sends and receives with the other rank, batched so neither side blocks the other."""
-    ops = [dist.P2POp(dist.isend, t, peer) for t in send] + [dist.P2POp(dist.irecv, t, peer) for t in recv]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t in recv]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
@@ -177,6 +178,10 @@ class _Runner:
         self.peer = 1 - ctx.rank
         self.shape = self.ops.latent_shape(spec)
 
+    def _pace(self) -> None:
+        if self.pacer.active:  # CPU only: the running compute time reads host clocks
+            self.pacer.pace(self.timer.running_compute_ms())
+
     def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return uncond + self.spec.guidance_scale * (cond - uncond)
 
@@ -184,14 +189,15 @@ class _Runner:
         """One condition-split step: our branch, swapped; rank 0's d_t broadcast while deciding."""
         me = self.plan.ranks[self.ctx.rank]
         out = self.ops(x, self.sampler.timesteps[index], self.single[me.branch])
-        self.pacer.pace(self.timer.running_compute_ms())
+        self._pace()
         parts = [torch.empty_like(out) for _ in range(2)]
         with self.timer.waiting():
             dist.all_gather(parts, out.contiguous())
         by_branch = {r.branch: parts[r.rank] for r in self.plan.ranks}
         uncond, cond = by_branch["uncond"], by_branch["cond"]
         if self.switch.deciding:
-            box = ((cond - uncond).abs().mean() / uncond.abs().mean()).double().reshape(1)
+            c, u = cond.float(), uncond.float()
+            box = ((c - u).abs().mean() / u.abs().mean()).double().reshape(1)
             with self.timer.waiting():
                 dist.broadcast(box, src=0)
             self.switch.record(index, float(box.item()))
@@ -200,15 +206,15 @@ class _Runner:
     def pipe(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """One pipeline step; the window's first step fills the hand-over, its last runs no stage 0."""
         span = self.switch.span
-        if index == span.start:
+        fill, last = index == span.start, index == span[-1]
+        if fill:
             self._begin_window()
         assert self.stages is not None
         t = self.sampler.timesteps[index]
-        eps = torch.empty((1, *self.shape), device=self.ops.device, dtype=self.ops.dtype)
-        fill, last = index == span.start, index == span[-1]
         if self.ctx.rank == self.stage0:
+            eps = torch.empty((1, *self.shape), device=self.ops.device, dtype=self.ops.dtype)
             carry = self.stages.first(torch.cat([x, x]), t, self.both) if fill or not last else ()
-            self.pacer.pace(self.timer.running_compute_ms())
+            self._pace()
             with self.timer.waiting():
                 if fill:
                     self._handover_shapes(carry)
@@ -222,9 +228,9 @@ class _Runner:
                 self._handover_shapes(None)
                 _swap([], self.carry, self.peer)
         eps = self.guide(*self.stages.second(tuple(self.carry), t, self.both).chunk(2))
-        self.pacer.pace(self.timer.running_compute_ms())
+        self._pace()
         with self.timer.waiting():
-            _swap([eps.contiguous()], [] if fill or last else self.carry, self.peer)
+            _swap([eps], [] if fill or last else self.carry, self.peer)
         return eps
 
     def _begin_window(self) -> None:
