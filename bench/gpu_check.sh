@@ -5,7 +5,7 @@ set -u
 . bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-for g in 1 0; do
+for g in ${GRAPHS:-1 0}; do
   STADI_CUDA_GRAPHS=$g timeout ${TMO:-100} python3 -m stadi.cli bench speed --device cuda --size tiny --models ${MODELS:-sdxl,sd3} \
     --height 256 --steps 10 --levels ${LEVELS:-100} --runs 1 --warmup-runs 1 --min-effective-steps 4 \
     --out-dir $OUT/graphs$g --name check --no-plot > $OUT/check-graphs$g.log 2>&1

@@ -1,7 +1,7 @@
 # Sourced by the GPU scripts: install the carried wheels (.whl) and this tree under /tmp/site, set the
 # environment every rank inherits. STADI_DUMP_AFTER=N makes every Python process print its threads' stacks
 # after N seconds (a hang shows where it waits).
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STADI_CACHE=/tmp/stadi-cache
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 STADI_CACHE=/tmp/stadi-cache STADI_TEARDOWN_S=3
 # NVLink multicast stays off (KINDS.md), also in the ranks this harness starts with their own environment
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1

@@ -133,8 +133,9 @@ def test_summary_compares_stadi_and_auto_with_the_peer_best() -> None:
 def test_table_shows_the_peer() -> None:
     table = format_table({"levels": _levels(), "peer": _peer(PEER)})
     rows = table.splitlines()
-    assert rows[0].split()[:9] == ["level", "model", "single", "patch", "cfg", "stadi", "auto", "ideal", "peer"]
-    assert rows[1].split()[8] == "1.140" and rows[2].split()[8] == "1.780"
+    assert rows[0].split()[:10] == ["level", "model", "single", "patch", "cfg", "stadi", "hybrid", "auto", "ideal",
+                                    "peer"]
+    assert rows[1].split()[9] == "1.140" and rows[2].split()[9] == "1.780"
     assert rows[3] == "peer xDiT sd3 level 100: cfg 1.590 | cfg-compile 1.140*"
     assert rows[4] == "peer xDiT sd3 level 50: cfg-compile 1.780* | pipefusion failed (timed out after 300 s)"
 

@@ -154,6 +154,12 @@ class Workspace:
             self.graphs = StepGraphs(enabled=graphs_enabled(device))
         return self.graphs
 
+    def close(self) -> None:
+        """Release the graphs and every plan's buffers (before the process group goes)."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self._bands.clear()
+
     def bands(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext) -> Bands:
         """The share of this rank under ``plan``, built on first use (collectively: every rank asks for the
         same plans in the same order, as the plan is broadcast)."""

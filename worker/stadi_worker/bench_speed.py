@@ -34,12 +34,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-STRATEGIES_MEASURED = ("single", "patch", "cfg", "stadi", "auto")
+STRATEGIES_MEASURED = ("single", "patch", "cfg", "stadi", "hybrid", "auto")
 DEFAULT_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
@@ -218,7 +219,8 @@ def run_rank(config: dict[str, Any]) -> None:
                     if name == "single":
                         continue
                     try:
-                        p = _plan_for(spec, name, world, speeds if name == "stadi" else None, catalogue_gpu)
+                        p = _plan_for(spec, name, world, speeds if name in ("stadi", "hybrid") else None,
+                                      catalogue_gpu)
                     except ValueError as error:
                         res["strategies"][name] = {"error": str(error)}
                         continue
@@ -254,14 +256,19 @@ def run_rank(config: dict[str, Any]) -> None:
                     res["strategies"][name]["psnr"] = round(min(psnr(img, ref), 100.0), 3)
                     res["strategies"][name]["ssim"] = round(ssim(img, ref), 6)
             report["models"][family] = res
+            ws.close()
             del pipe, ops, images, ws
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             _barrier(ctx)
         if ctx.rank == 0:
             Path(config["out"]).write_text(json.dumps(report, indent=1))
-    finally:
-        shutdown(ctx)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        # leaving the process group waits for peers that may be stuck in a collective: exit at once
+        os._exit(1)
+    shutdown(ctx)
 
 
 def _paced_serial(pipe: Any, spec: Any, prompt: str, seed: int, pacer: Any) -> Any:

@@ -13,6 +13,7 @@ another one wrote.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class _Graph:
@@ -40,6 +42,7 @@ class StepGraphs:
     enabled: bool
     _graphs: dict[Hashable, _Graph] = field(default_factory=dict)
     _seen: set[Hashable] = field(default_factory=set)
+    _eager: set[Hashable] = field(default_factory=set)  # keys whose capture failed
     _pool: Any = None
     captures: int = 0
 
@@ -58,14 +61,32 @@ class StepGraphs:
         full = self._full_key(key, inputs)
         entry = self._graphs.get(full)
         if entry is None:
-            if full not in self._seen:
+            if full not in self._seen or full in self._eager:
                 self._seen.add(full)
                 return fn(*inputs)
-            entry = self._graphs[full] = self._capture(fn, inputs)
+            try:
+                entry = self._graphs[full] = self._capture(fn, inputs)
+            except RuntimeError as error:  # a slower step, not a failed job: every rank fails alike
+                log.warning("CUDA graph capture failed; the step runs eagerly",
+                            extra={"key": repr(key), "error": str(error)[:400]})
+                self._eager.add(full)
+                torch.cuda.synchronize()
+                return fn(*inputs)
         for static, x in zip(entry.inputs, inputs, strict=True):
             static.copy_(x)
         entry.graph.replay()
         return entry.output.clone()
+
+    def close(self) -> None:
+        """Free every graph. Graphs holding captured NCCL collectives must be gone before the process group
+        is destroyed, or ``destroy_process_group`` waits forever."""
+        if self._graphs:
+            torch.cuda.synchronize()
+        for entry in self._graphs.values():
+            entry.graph.reset()
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
 
     def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Graph:
         static = [x.clone() for x in inputs]

@@ -190,6 +190,7 @@ def run_job(
     """
     if load_pipeline is None:
         from stadi_worker.pipelines import load_pipeline
+    workspace = None
     if generate is None:
         from functools import partial
 
@@ -197,7 +198,8 @@ def run_job(
         from stadi_worker.generate import generate as generate_one
 
         # one workspace for the job: the plan's band wrappers and CUDA graphs are built for the first image
-        generate = partial(generate_one, workspace=Workspace())
+        workspace = Workspace()
+        generate = partial(generate_one, workspace=workspace)
     rank = ctx.rank
     lead = rank == 0
     if lead and store is None:
@@ -271,6 +273,8 @@ def run_job(
             emit(ProgressEvent("image", spec.steps, spec.steps, done, total, skipped, uri=uri))
             log.info("image written", extra={"uri": uri, "done": done, "total": total, "seconds": round(seconds, 3)})
     generate_s = time.perf_counter() - t_gen - write_s
+    if workspace is not None:
+        workspace.close()
 
     mine = RankRecord.measure(rank, device_name(ctx.device), step_ms, socket.gethostname())
     ranks = _gather(mine, ctx)

@@ -234,21 +234,14 @@ def run_worker(
                 reporter.finish(manifest)  # every rank's step times into status.measured
         if manifest is not None:
             log.info("job done", extra={"output": manifest.output, "images": len(manifest.images)})
-        _shutdown()
+        with contextlib.suppress(Exception):  # the job is done and written: a failed goodbye changes nothing
+            runtime.shutdown(ctx)
         return 0
     except Exception as error:  # the rank's last word: one line on stderr, the details in the error file
         _write_error_file(rank, error)
         log.debug("rank failed", exc_info=True)
         print(f"stadi worker rank {rank}: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
-
-
-def _shutdown() -> None:
-    with contextlib.suppress(Exception):
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def worker_command(args: argparse.Namespace) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,6 +14,8 @@ import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, Plan
 from stadi.families import profile
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0  # a dead peer surfaces as an error after this, never as a hang
 
@@ -74,10 +79,33 @@ def init_from_env(device: str, timeout_s: float | None = None) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
 
 
+TEARDOWN_S = 20.0  # default; STADI_TEARDOWN_S overrides (the benchmark's ranks need no grace)
+
+
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (if any)."""
-    if ctx.world_size > 1 and dist.is_initialized():
+    """Leave the process group (if any); call last, on success, on every rank.
+
+    With NCCL communicators that took part in CUDA graph captures, ``destroy_process_group`` can wait
+    forever (torch 2.11 on 2xH200). The work is done by then: the teardown gets ``TEARDOWN_S`` seconds in a
+    background thread, after which the process exits with status 0 and leaves the rest to the OS.
+    """
+    if ctx.world_size <= 1 or not dist.is_initialized():
+        return
+    if ctx.backend != "nccl":
         dist.destroy_process_group()
+        return
+    dist.barrier(device_ids=[ctx.device.index])
+    torch.cuda.synchronize(ctx.device)
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    teardown.start()
+    grace = float(os.environ.get("STADI_TEARDOWN_S", TEARDOWN_S))
+    teardown.join(grace)
+    if teardown.is_alive():
+        log.warning("NCCL teardown did not finish; exiting without it", extra={"seconds": grace})
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def check_plan(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
