@@ -1,23 +1,57 @@
 """Rank body of the hybrid tests: ``run(config)`` on every rank (see conftest.launch_ranks).
 
 ``config["runs"]``: ``{"name", "plan" (a Plan document, null: the serial reference on rank 0), "exact",
-"replan", "slowdown" ({rank: factor})}``. Rank 0 saves ``out/NAME.pt`` with the final latent and what the
-hybrid loop recorded (modes, discrepancy, window, cut, final plan).
+"replan", "slowdown" ({rank: factor}), "prompt" (else the config's), "workspace" (a name: runs naming the
+same one share a Workspace whose graphs are ``ReplayGraphs``)}``. Rank 0 saves ``out/NAME.pt`` with the
+final latent and what the hybrid loop recorded (modes, discrepancy, window, cut, final plan, and per rank
+the graph keys with their calls and replays so far).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from stadi_worker.bands import Workspace
 from stadi_worker.generate import generate, generate_serial
+from stadi_worker.graphs import StepGraphs
 from stadi_worker.pipelines import load_pipeline
 from stadi_worker.runtime import init_from_env, shutdown
 
 from stadi.api import DiffusionJobSpec, Plan
+
+
+@dataclass
+class ReplayGraphs(StepGraphs):
+    """CUDA graphs' contract on the CPU: a key's first call runs eagerly; the second keeps ``fn`` and copies
+    of the inputs; later calls copy their inputs into those and run the kept ``fn`` on them, as a replay
+    would. A step function that reads anything but its inputs computes with the keeping call's state."""
+
+    enabled: bool = False
+    calls: Counter[Hashable] = field(default_factory=Counter)
+    replays: Counter[Hashable] = field(default_factory=Counter)
+    _kept: dict[Hashable, tuple[Callable[..., torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+
+    def run(self, key: Hashable, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        self.calls[key] += 1
+        full = self._full_key(key, inputs)
+        if full not in self._seen:
+            self._seen.add(full)
+            return fn(*inputs)
+        if full not in self._kept:
+            self._kept[full] = fn, [x.clone() for x in inputs]
+        else:
+            self.replays[key] += 1
+        kept, static = self._kept[full]
+        for s, x in zip(static, inputs, strict=True):
+            s.copy_(x)
+        return kept(*static).clone()
 
 
 def run(config: dict[str, Any]) -> None:
@@ -31,6 +65,7 @@ def run(config: dict[str, Any]) -> None:
         out = Path(config["out"])
         out.mkdir(parents=True, exist_ok=True)
         pipe = load_pipeline(spec.model, ctx.device, Path(config["cache_dir"]))
+        workspaces: dict[str, Workspace] = {}
         for entry in config["runs"]:
             if entry["plan"] is None:
                 if ctx.rank == 0:
@@ -39,11 +74,18 @@ def run(config: dict[str, Any]) -> None:
                 dist.barrier()
                 continue
             slow = {int(k): float(v) for k, v in (entry.get("slowdown") or {}).items()}
-            res: Any = generate(pipe, spec, Plan.model_validate(entry["plan"]), ctx, config["prompt"],
-                                config["seed"], exact=entry.get("exact", False),
+            ws = None
+            if entry.get("workspace"):
+                ws = workspaces.setdefault(entry["workspace"], Workspace(graphs=ReplayGraphs()))
+            res: Any = generate(pipe, spec, Plan.model_validate(entry["plan"]), ctx,
+                                entry.get("prompt", config["prompt"]), config["seed"], exact=entry.get("exact", False),
                                 replan_after_warmup=entry.get("replan", False), slowdown=slow.get(ctx.rank, 1.0),
-                                decode=False)
-            mine = (res.modes, res.discrepancy, res.window, res.boundary_layer, len(res.step_ms), res.wait_ms)
+                                decode=False, workspace=ws)
+            graphs = ws.graphs if ws is not None else None
+            keys = []
+            if isinstance(graphs, ReplayGraphs):
+                keys = [(k, n, graphs.replays[k]) for k, n in graphs.calls.items()]
+            mine = (res.modes, res.discrepancy, res.window, res.boundary_layer, len(res.step_ms), res.wait_ms, keys)
             every: list[Any] = [None, None]
             dist.all_gather_object(every, mine)
             if ctx.rank == 0:

@@ -24,6 +24,7 @@ from stadi.planner import LINKS, Device, PlanRequest, plan
 from stadi.planner.stage_split import share
 
 PROMPT, SEED = "a red bicycle in the snow", 3
+OTHER_PROMPT = "a lighthouse at dusk"
 MAX_ABS = 1e-4  # fp32: the condition split (batch 1 per rank) against unified CFG (batch 2)
 CPU2 = [Device("CPU", index=0, speed=1.0), Device("CPU", index=1, speed=1.0)]
 
@@ -145,9 +146,18 @@ def emulate(family: str, cache: Path, p: Plan, window: range, guided: bool) -> t
     return latents
 
 
+def graph_runs(family: str) -> list[dict[str, Any]]:
+    """Two images of the "window" plan through one workspace's ``ReplayGraphs`` (the second, of another
+    prompt, replays every key), and the second image's eager reference."""
+    p = hybrid_plan(family, k=3, cap=3)
+    return [{"name": "graphs_a", "plan": p, "workspace": "ws"},
+            {"name": "graphs_b", "plan": p, "workspace": "ws", "prompt": OTHER_PROMPT},
+            {"name": "window_b", "plan": p, "prompt": OTHER_PROMPT}]
+
+
 def _launch(family: str, runs: list[dict[str, Any]], cache: Path, workdir: Path) -> Any:
     cfg = {"spec": job_spec(family), "prompt": PROMPT, "seed": SEED, "cache_dir": str(cache),
-           "runs": [{"name": "serial", "plan": None}, *runs]}
+           "runs": [{"name": "serial", "plan": None}, *runs, *graph_runs(family)]}
     return launch_ranks(2, cfg, workdir, module="hybrid_runs").check()
 
 
@@ -190,7 +200,7 @@ def _recorded(launch: Any, name: str) -> dict[str, Any]:
     """Rank 0's record; both ranks must have recorded the same modes, discrepancies and window."""
     r0, r1 = launch.result(name)["ranks"]
     assert r0[:4] == r1[:4]
-    modes, ds, window, layer, steps, wait_ms = r0
+    modes, ds, window, layer, steps, wait_ms, _ = r0
     assert steps == len(modes) == STEPS and len(wait_ms) == STEPS
     return {"modes": modes, "ds": ds, "window": window, "layer": layer}
 
@@ -272,3 +282,24 @@ def test_replan_moves_work_off_the_slow_rank(sdxl_runs: Any, model_cache: Path) 
     assert rec["window"] == (4, 7)
     tiny = unit_table(FamilyOps(_pipe("sdxl", model_cache), "sdxl"), 16, 16)
     assert slow_share(tiny, [u.name for u in tiny].index(rec["layer"])) < 0.5
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_denoiser_calls_run_through_the_workspace_graphs(request: pytest.FixtureRequest, family: str) -> None:
+    """Every denoiser call goes through the workspace's StepGraphs under one key per function: the split
+    step's branch on both ranks, stage 0 on one rank, stage 1 on the other. Replayed on the copies of the
+    first image's inputs, the second image (another prompt) is the eager run's, bit for bit: the step
+    functions read nothing but their inputs."""
+    launch = _runs(request, family)
+    assert torch.equal(launch.result("graphs_a")["latents"], launch.result("window")["latents"])
+    assert torch.equal(launch.result("graphs_b")["latents"], launch.result("window_b")["latents"])
+    # per key after both images (5 split and 3 window steps each): calls, and replays (calls after the
+    # eager one and the capture); stage 0 skips the window's last step
+    expected = {"hybrid-split": (10, 8), "hybrid-stage0": (4, 2), "hybrid-stage1": (6, 4)}
+    stages = []
+    for keys in (r[6] for r in launch.result("graphs_b")["ranks"]):
+        got = {k[0]: (calls, replays) for k, calls, replays in keys}
+        assert len(got) == len(keys) == 2 and "hybrid-split" in got
+        stages += [tag for tag in got if tag != "hybrid-split"]
+        assert got == {tag: expected[tag] for tag in got}
+    assert sorted(stages) == ["hybrid-stage0", "hybrid-stage1"]

@@ -174,7 +174,7 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
 
             return generate_hybrid(pipe, spec, plan, ctx, prompt, seed, exact=exact, on_step=on_step,
                                    replan_after_warmup=replan_after_warmup, on_replan=on_replan,
-                                   pacer=Pacer(factor, ctx.device), decode=decode)
+                                   pacer=Pacer(factor, ctx.device), decode=decode, workspace=workspace)
         return _generate(pipe, spec, plan, ctx, prompt, seed, exact, on_step, replan_after_warmup, on_replan,
                          Pacer(factor, ctx.device), decode, workspace)
 

@@ -10,13 +10,18 @@ Both ranks keep the same full latent and take every step with the same guided pr
   before and sends back the guided prediction. The first window step fills the hand-over (stage 1 waits for
   this step's stage 0, so it is exact); the last one runs no stage 0 (nothing would read it). Stage 1 runs
   with the current step's timestep: only the activations are one step old.
+
+On a GPU the denoiser calls (the split step's branch, each stage) replay as CUDA graphs of the caller's
+workspace; every exchange runs eagerly between them. Stage 0 returns its hand-over flattened into one tensor
+(a graph has one output; one send instead of one per skip), stage 1 cuts it back into views.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +30,7 @@ import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, HybridPlan, Plan
 from stadi.planner.stage_split import Unit, balanced_boundary
+from stadi_worker.bands import Workspace
 from stadi_worker.emulate import Pacer
 from stadi_worker.generate import GenerationResult, initial_noise, measured_speeds
 from stadi_worker.pipelines import FamilyOps, batch_branches, make_scheduler
@@ -33,6 +39,10 @@ from stadi_worker.sampling import BandSampler, StepTimer
 from stadi_worker.stages import Stages, unit_table
 
 log = logging.getLogger(__name__)
+
+# The hand-over's shapes per stage-0 graph key: a pure function of the key (model, cut, latent shape),
+# recorded whenever stage 0 runs eagerly or is captured, which a key does before any replay of it.
+_HANDOVER: dict[Hashable, list[tuple[int, ...]]] = {}
 
 
 @dataclass
@@ -161,9 +171,10 @@ class _Runner:
     """One image under a hybrid plan on this rank."""
 
     def __init__(self, pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str,
-                 pacer: Pacer, exact: bool):
+                 pacer: Pacer, exact: bool, workspace: Workspace):
         self.ops = FamilyOps(pipe, spec.model.family)
         self.spec, self.plan, self.ctx, self.pacer = spec, plan, ctx, pacer
+        self.graphs = workspace.graphs_for(self.ops.device)
         branches = self.ops.encode(spec, prompt, True)
         self.single = {b: batch_branches(branches, [b]) for b in ("uncond", "cond")}
         self.both = batch_branches(branches, ["uncond", "cond"])
@@ -174,7 +185,8 @@ class _Runner:
         self.switch = Switch(plan.hybrid, spec.steps, disabled=exact)
         self.stages: Stages | None = None
         self.stage0 = 0
-        self.carry: list[torch.Tensor] = []
+        self.carry: torch.Tensor | None = None  # stage 1: the flat hand-over buffer of the window
+        self.handover: list[tuple[int, ...]] = []  # the hand-over's shapes in this window
         self.peer = 1 - ctx.rank
         self.shape = self.ops.latent_shape(spec)
 
@@ -187,15 +199,22 @@ class _Runner:
 
     def split(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """One condition-split step: our branch, swapped; rank 0's d_t broadcast while deciding."""
-        me = self.plan.ranks[self.ctx.rank]
-        out = self.ops(x, self.sampler.timesteps[index], self.single[me.branch])
+        branch = self.plan.ranks[self.ctx.rank].branch
+        cond = self.single[branch]
+        keys = list(cond)
+
+        def forward(x: torch.Tensor, t: torch.Tensor, *c: torch.Tensor) -> torch.Tensor:
+            return self.ops(x, t, dict(zip(keys, c, strict=True)))
+
+        key = ("hybrid-split", id(self.ops.denoiser), branch)
+        out = self.graphs.run(key, forward, x, self.sampler.timesteps[index], *cond.values())
         self._pace()
         parts = [torch.empty_like(out) for _ in range(2)]
         with self.timer.waiting():
             dist.all_gather(parts, out.contiguous())
         by_branch = {r.branch: parts[r.rank] for r in self.plan.ranks}
         uncond, cond = by_branch["uncond"], by_branch["cond"]
-        if self.switch.deciding:
+        if self.switch.deciding:  # after the exchange: the decision needs a host value once per step
             c, u = cond.float(), uncond.float()
             box = ((c - u).abs().mean() / u.abs().mean()).double().reshape(1)
             with self.timer.waiting():
@@ -213,11 +232,11 @@ class _Runner:
         t = self.sampler.timesteps[index]
         if self.ctx.rank == self.stage0:
             eps = torch.empty((1, *self.shape), device=self.ops.device, dtype=self.ops.dtype)
-            carry = self.stages.first(torch.cat([x, x]), t, self.both) if fill or not last else ()
+            carry = [self._first(x, t)] if fill or not last else []
             self._pace()
             with self.timer.waiting():
                 if fill:
-                    self._handover_shapes(carry)
+                    self._handover_shapes(_HANDOVER[self._stage_key(0)])
                     _swap(carry, [], self.peer)
                     _swap([], [eps], self.peer)
                 else:
@@ -226,35 +245,72 @@ class _Runner:
         if fill:
             with self.timer.waiting():
                 self._handover_shapes(None)
-                _swap([], self.carry, self.peer)
-        eps = self.guide(*self.stages.second(tuple(self.carry), t, self.both).chunk(2))
+                _swap([], [self.carry], self.peer)
+        assert self.carry is not None
+        eps = self._second(self.carry, t)
         self._pace()
         with self.timer.waiting():
-            _swap([eps], [] if fill or last else self.carry, self.peer)
+            _swap([eps], [] if fill or last else [self.carry], self.peer)
         return eps
+
+    def _stage_key(self, stage: int) -> Hashable:
+        """Names a stage function's graph: the model, the cut, the latent shape and (stage 1) the guidance."""
+        assert self.stages is not None
+        key = ("hybrid-stage0", id(self.ops.denoiser), self.stages.boundary, self.shape)
+        return key if stage == 0 else ("hybrid-stage1", *key[1:], self.spec.guidance_scale)
+
+    def _first(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Stage 0 on both branches: the flat hand-over."""
+        stages, keys, key = self.stages, list(self.both), self._stage_key(0)
+        assert stages is not None
+
+        def forward(x: torch.Tensor, t: torch.Tensor, *c: torch.Tensor) -> torch.Tensor:
+            carry = stages.first(torch.cat([x, x]), t, dict(zip(keys, c, strict=True)))
+            _HANDOVER[key] = [tuple(h.shape) for h in carry]
+            return torch.cat([h.reshape(-1) for h in carry])
+
+        return self.graphs.run(key, forward, x, t, *self.both.values())
+
+    def _second(self, flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Stage 1 on a flat hand-over: the guided prediction."""
+        stages, keys, shapes = self.stages, list(self.both), self.handover
+        assert stages is not None
+
+        def forward(flat: torch.Tensor, t: torch.Tensor, *c: torch.Tensor) -> torch.Tensor:
+            parts = flat.split([math.prod(s) for s in shapes])
+            carry = tuple(p.view(s) for p, s in zip(parts, shapes, strict=True))
+            return self.guide(*stages.second(carry, t, dict(zip(keys, c, strict=True))).chunk(2))
+
+        return self.graphs.run(self._stage_key(1), forward, flat, t, *self.both.values())
 
     def _begin_window(self) -> None:
         units = unit_table(self.ops, self.shape[1], self.shape[2])
         self.stage0, boundary = resolve_cut(self.plan, units)
         self.stages = Stages(self.ops, self.shape[1], self.shape[2], boundary)
 
-    def _handover_shapes(self, carry: Sequence[torch.Tensor] | None) -> None:
-        """Stage 0 tells stage 1 the hand-over's shapes once per window; stage 1 allocates them."""
-        box: list[Any] = [[tuple(c.shape) for c in carry] if carry is not None else None]
+    def _handover_shapes(self, shapes: list[tuple[int, ...]] | None) -> None:
+        """Stage 0 tells stage 1 the hand-over's shapes once per window; stage 1 allocates its flat buffer
+        (received into at every step, copied into the graph by ``run``)."""
+        box: list[Any] = [shapes]
         dist.broadcast_object_list(box, src=self.stage0,
                                    device=self.ctx.device if self.ctx.backend == "nccl" else None)
-        if carry is None:
-            self.carry = [torch.empty(s, device=self.ops.device, dtype=self.ops.dtype) for s in box[0]]
+        self.handover = box[0]
+        if shapes is None:
+            numel = sum(math.prod(s) for s in self.handover)
+            self.carry = torch.empty(numel, device=self.ops.device, dtype=self.ops.dtype)
 
 
 def generate_hybrid(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
                     exact: bool = False, on_step: Callable[[int, int], None] | None = None,
                     replan_after_warmup: bool = False, on_replan: Callable[[GenerationResult], None] | None = None,
-                    pacer: Pacer | None = None, decode: bool = True) -> HybridResult:
+                    pacer: Pacer | None = None, decode: bool = True,
+                    workspace: Workspace | None = None) -> HybridResult:
     """Generate one image under a hybrid ``plan``; call on both ranks. ``exact`` keeps the condition split
     throughout (unified CFG). With ``replan_after_warmup`` the first ``plan.warmup_steps`` steps are timed
-    and the stages may be re-split by measured speed before the window."""
-    run = _Runner(pipe, spec, plan, ctx, prompt, pacer or Pacer(1.0, torch.device("cpu")), exact)
+    and the stages may be re-split by measured speed before the window. The denoiser calls run through the
+    step graphs of ``workspace`` (pass one per pipeline, as to ``generate``)."""
+    run = _Runner(pipe, spec, plan, ctx, prompt, pacer or Pacer(1.0, torch.device("cpu")), exact,
+                  workspace or Workspace())
     sampler, timer, ops = run.sampler, run.timer, run.ops
     latents = initial_noise(run.shape, seed, sampler.init_noise_sigma).to(ops.device, ops.dtype)
     result = HybridResult(image=None, latents=None, step_ms=[], plan=plan)
