@@ -43,6 +43,8 @@ class StepGraphs:
     _graphs: dict[Hashable, _Graph] = field(default_factory=dict)
     _seen: set[Hashable] = field(default_factory=set)
     _eager: set[Hashable] = field(default_factory=set)  # keys whose capture failed
+    # what a step function notes about itself while its Python runs (eager or capture), for its replays
+    notes: dict[Hashable, Any] = field(default_factory=dict)
     _pool: Any = None
     captures: int = 0
 
@@ -86,6 +88,7 @@ class StepGraphs:
             entry.graph.reset()
         self._graphs.clear()
         self._seen.clear()
+        self.notes.clear()
         self._pool = None
 
     def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Graph:

@@ -40,11 +40,6 @@ from stadi_worker.stages import Stages, unit_table
 
 log = logging.getLogger(__name__)
 
-# The hand-over's shapes per stage-0 graph key: a pure function of the key (model, cut, latent shape),
-# recorded whenever stage 0 runs eagerly or is captured, which a key does before any replay of it.
-_HANDOVER: dict[Hashable, list[tuple[int, ...]]] = {}
-
-
 @dataclass
 class HybridResult(GenerationResult):
     modes: list[str] = field(default_factory=list)  # per step: "split" or "pipe"
@@ -236,7 +231,7 @@ class _Runner:
             self._pace()
             with self.timer.waiting():
                 if fill:
-                    self._handover_shapes(_HANDOVER[self._stage_key(0)])
+                    self._handover_shapes(self.graphs.notes[self._stage_key(0)])
                     _swap(carry, [], self.peer)
                     _swap([], [eps], self.peer)
                 else:
@@ -266,7 +261,8 @@ class _Runner:
 
         def forward(x: torch.Tensor, t: torch.Tensor, *c: torch.Tensor) -> torch.Tensor:
             carry = stages.first(torch.cat([x, x]), t, dict(zip(keys, c, strict=True)))
-            _HANDOVER[key] = [tuple(h.shape) for h in carry]
+            # a replay runs no Python: the hand-over's shapes (a function of the key) are noted for it
+            self.graphs.notes[key] = [tuple(h.shape) for h in carry]
             return torch.cat([h.reshape(-1) for h in carry])
 
         return self.graphs.run(key, forward, x, t, *self.both.values())
