@@ -4,7 +4,8 @@
 # peer xDiT on the SD3 pipeline (its own invocation: --peer xdit --peer-only), all merged.
 # Env: MODELS ("sdxl sd3"; empty: none), LEVELS / LEVELS_<model> / LEVELS_peer, TMO / TMO_<model> / TMO_peer
 # (seconds per invocation), STEPS, RUNS, SMOKE (1), TAG (name suffix), NAME (merged result), PEER (0),
-# PEER_CONFIGS (all, or e.g. cfg,cfg-compile,pipefusion), PEER_TMO (seconds per peer configuration and level).
+# PEER_CONFIGS (all, or e.g. cfg,cfg-compile,pipefusion), PEER_TMO (seconds per peer configuration and level),
+# EXTRA (more `stadi bench speed` options for our models, e.g. "--compile" or "--strategies stadi,auto").
 set -u
 . bench/gpu_env.sh
 S="python3 -m stadi.cli"
@@ -23,7 +24,7 @@ if [ "${SMOKE:-1}" = 1 ]; then
     --runs 1 --warmup-runs 1 --min-effective-steps 4 --out-dir $W --name smoke-gpu --no-plot > $W/smoke.log 2>&1
   echo "smoke rc=$?"; tail -25 $W/smoke.log; cat $W/smoke.log >> $LOG
 fi
-A="--device cuda --steps ${STEPS:-50} --runs ${RUNS:-3} --warmup-runs 1 --out-dir $OUT --no-plot"
+A="--device cuda --steps ${STEPS:-50} --runs ${RUNS:-3} --warmup-runs 1 --out-dir $OUT --no-plot ${EXTRA:-}"
 for m in ${MODELS-sdxl sd3}; do  # LEVELS_sdxl / TMO_sdxl etc. override per model
   lv=$(eval echo \${LEVELS_$m:-${LEVELS:-100,50,25}}); tmo=$(eval echo \${TMO_$m:-${TMO:-250}})
   timeout $tmo $S bench speed $A --levels $lv --models $m --name speed-$m${TAG:-} > $W/speed-$m.log 2>&1

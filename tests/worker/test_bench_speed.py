@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from stadi_worker.bench_speed import STRATEGIES_MEASURED, merge, summarize
 
 
@@ -56,3 +57,12 @@ def test_summarize_targets() -> None:
     assert s["stadi_vs_patch_reduction"]["sd3"] == {"100": 0.125, "25": 0.55}
     assert s["homogeneous_speedup"]["sd3"] == round(2000 / 1050, 4)
     assert s["psnr_patch_minus_stadi_db"]["sd3"] == {"100": 0.5}
+
+
+def test_strategies_option() -> None:
+    from stadi_worker.bench_speed import _strategies
+
+    assert _strategies("all") == list(STRATEGIES_MEASURED)
+    assert _strategies("stadi, patch") == ["single", "patch", "stadi"]  # table order; single always runs
+    with pytest.raises(ValueError, match="--strategies: unknown fast; allowed: all or some of single, patch"):
+        _strategies("stadi,fast")

@@ -91,3 +91,23 @@ def test_pipelines_tiny_sd15_and_sd3(tiny_dir, model_cache: Path) -> None:
         assert res.latents is not None and torch.isfinite(res.latents).all()
     with pytest.raises(ValueError, match="flow-matching model"):
         make_scheduler(pipe, "sd3", "ddim")
+
+
+def test_pipelines_compiled_whole_frame_steps(sdxl_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STADI_COMPILE: whole-frame steps run through torch.compile (one compiled denoiser per pipeline in the
+    workspace) and give the eager result; the backend here is aot_eager (no C++ toolchain time in tests)."""
+    from stadi_worker.bands import Workspace
+
+    spec = DiffusionJobSpec.model_validate(job_spec("sdxl", steps=2))
+    eager = generate_serial(sdxl_pipe, spec, "a lighthouse", 5, decode=False)
+    torch._dynamo.reset()
+    monkeypatch.setenv("STADI_COMPILE", "aot_eager")
+    ws = Workspace()
+    compiled = generate_serial(sdxl_pipe, spec, "a lighthouse", 5, decode=False, workspace=ws)
+    [module] = ws._compiled.values()
+    assert type(module).__name__ == "OptimizedModule" and module._orig_mod is sdxl_pipe.unet
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames >= 1  # dynamo really traced the denoiser
+    assert torch.allclose(compiled.latents, eager.latents, atol=1e-5)
+    monkeypatch.delenv("STADI_COMPILE")
+    assert Workspace().whole_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})()) is None

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, Plan
 from stadi_worker.comm import BandLayout, CommManager, all_gather_uneven
-from stadi_worker.graphs import StepGraphs, graphs_enabled
+from stadi_worker.graphs import StepGraphs, compile_backend, graphs_enabled
 from stadi_worker.layers import DenoiserPatch
 from stadi_worker.pipelines import FamilyOps, batch_branches
 from stadi_worker.runtime import DistContext
@@ -50,8 +50,10 @@ def assemble(parts: list[torch.Tensor], plan: Plan, ranks: list[int]) -> torch.T
 class Bands:
     """This rank's share under one plan: its band, its group, the comm manager and the band wrappers."""
 
-    def __init__(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, graphs: StepGraphs):
+    def __init__(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, graphs: StepGraphs,
+                 whole: Any = None):
         self.ops, self.spec, self.plan, self.ctx, self.graphs = ops, spec, plan, ctx, graphs
+        self.whole = whole  # the denoiser for whole-frame steps (compiled, when asked), or None: the pipeline's
         self.guidance = spec.uses_cfg
         me = plan.ranks[ctx.rank]
         self.split = me.branch != "both"
@@ -73,25 +75,33 @@ class Bands:
         self._cond_keys, self._cond = list(cond), list(cond.values())
         self.timer = timer
         self.comm.waiting = timer.waiting
-        self.patch.apply()
+        if self.banded:
+            self.patch.apply()
 
     def leave(self) -> None:
-        self.patch.restore()
+        if self.banded:
+            self.patch.restore()
         self.comm.end_step()
+
+    @property
+    def banded(self) -> bool:
+        """Whether we split the height with other ranks (else the band wrappers would only pass through)."""
+        return self.comm.size > 1
 
     @property
     def phase(self) -> str:
         return "sync" if self.comm.sync else ("local" if self.comm.local else "exchange")
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        out = self.ops(torch.cat([x] * len(self.order)), t, dict(zip(self._cond_keys, cond, strict=True)))
+        out = self.ops(torch.cat([x] * len(self.order)), t, dict(zip(self._cond_keys, cond, strict=True)),
+                       denoiser=None if self.banded else self.whole)
         self.comm.end_step()
         if not self.split and self.guidance:
             return guide(*out.chunk(2), self.spec.guidance_scale)
         return out
 
     def _key(self) -> Hashable:
-        return id(self), self.phase
+        return id(self), self.phase if self.banded else "whole"
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided noise prediction for our band ``x`` (one graph replay per step on a GPU)."""
@@ -148,6 +158,18 @@ class Workspace:
 
     graphs: StepGraphs | None = None
     _bands: dict[Hashable, Bands] = field(default_factory=dict)
+    _compiled: dict[int, Any] = field(default_factory=dict)
+
+    def whole_denoiser(self, ops: FamilyOps) -> Any:
+        """The denoiser of whole-frame steps: compiled once per pipeline when ``STADI_COMPILE`` asks for it
+        (banded steps stay uncompiled: their exchanges are Python), else None (the pipeline's own)."""
+        backend = compile_backend()
+        if backend is None:
+            return None
+        key = id(ops.denoiser)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(ops.denoiser, backend=backend, dynamic=False)
+        return self._compiled[key]
 
     def graphs_for(self, device: torch.device) -> StepGraphs:
         if self.graphs is None:
@@ -159,6 +181,7 @@ class Workspace:
         if self.graphs is not None:
             self.graphs.close()
         self._bands.clear()
+        self._compiled.clear()
 
     def bands(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext) -> Bands:
         """The share of this rank under ``plan``, built on first use (collectively: every rank asks for the
@@ -166,5 +189,6 @@ class Workspace:
         key = (id(ops.denoiser), _plan_key(plan), spec.guidance_scale, spec.uses_cfg)
         found = self._bands.get(key)
         if found is None:
-            found = self._bands[key] = Bands(ops, spec, plan, ctx, self.graphs_for(ctx.device))
+            found = self._bands[key] = Bands(ops, spec, plan, ctx, self.graphs_for(ctx.device),
+                                             self.whole_denoiser(ops))
         return found

@@ -498,13 +498,15 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
         raise ValueError("--peer-only needs --peer")
     peer_configs = peer_xdit.parse_configs(args.peer_configs) if args.peer else []
     peer_job = _peer_job(args, models, world, cache)
+    strategies = _strategies(args.strategies)
     result: dict[str, Any] = {
         "command": "stadi bench speed " + " ".join(shlex.quote(a) for a in (argv or [])),
         "device": device, "ranks": world, "height": args.height, "width": args.width or args.height,
         "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype, "size": args.size,
         "runs": args.runs, "warmup_runs": args.warmup_runs, "slowdown_kind": "mps" if use_mps else "paced",
+        "compile": bool(args.compile), "strategies": strategies,
         "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "levels": {},
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM"))},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM", "STADI_"))},
     }
     if args.peer:
         result["peer"] = peer_xdit.new_block(peer_configs, args.peer_timeout)
@@ -516,7 +518,7 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
                 t0 = time.perf_counter()
                 config = {"level": level, "device": device, "models": models, "prompt": args.prompt, "seed": args.seed,
                           "cache_dir": str(cache), "warmup_runs": args.warmup_runs, "runs": args.runs,
-                          "strategies": list(STRATEGIES_MEASURED), "out": str(work / f"level-{level}.json"),
+                          "strategies": strategies, "out": str(work / f"level-{level}.json"),
                           "threads": args.threads}
                 rank_env: dict[int, dict[str, str]] = {}
                 if use_mps and level != "100":
@@ -526,7 +528,8 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
                 if args.peer_only:
                     data = {"level": level, "models": {}}
                 else:
-                    launch_level(world, config, work, mps_env, rank_env, args.level_timeout)
+                    env = dict(mps_env, **({"STADI_COMPILE": "1"} if args.compile else {}))
+                    launch_level(world, config, work, env, rank_env, args.level_timeout)
                     data = json.loads(Path(config["out"]).read_text())
                 result["levels"][level] = data
                 shown: dict[str, Any] = {"levels": {level: data}}
@@ -571,6 +574,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _strategies(text: str) -> list[str]:
+    """``--strategies``: a subset of STRATEGIES_MEASURED in their order; ``single`` always runs (the ideal
+    bound and the fidelity reference come from it)."""
+    asked = {n.strip() for n in text.split(",") if n.strip()} if text != "all" else set(STRATEGIES_MEASURED)
+    unknown = asked - set(STRATEGIES_MEASURED)
+    if unknown:
+        raise ValueError(f"--strategies: unknown {', '.join(sorted(unknown))}; "
+                         f"allowed: all or some of {', '.join(STRATEGIES_MEASURED)}")
+    return [n for n in STRATEGIES_MEASURED if n in asked or n == "single"]
+
+
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--models", default="sdxl,sd3", help="comma-separated families (random weights)")
     parser.add_argument("--size", default="full", choices=("full", "tiny"), help="random://SIZE architectures")
@@ -588,6 +602,10 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--warmup-steps", type=int, default=4, help="parallelism.warmupSteps of the job")
     parser.add_argument("--max-stride", type=int, default=4)
     parser.add_argument("--min-effective-steps", type=int, default=20)
+    parser.add_argument("--strategies", default="all",
+                        help=f"comma-separated subset of {','.join(STRATEGIES_MEASURED)} (single always runs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile whole-frame steps (single, cfg) inside their graphs (STADI_COMPILE=1)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per strategy (median)")
     parser.add_argument("--warmup-runs", type=int, default=1, help="untimed runs per strategy first")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -60,7 +60,9 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
                     workspace: Workspace | None = None, **_: Any) -> GenerationResult:
     """One process, the same loop, no communication: the reference of every parallel run."""
     ops = FamilyOps(pipe, spec.model.family)
-    graphs = (workspace or Workspace()).graphs_for(ops.device)
+    workspace = workspace or Workspace()
+    graphs = workspace.graphs_for(ops.device)
+    whole = workspace.whole_denoiser(ops)
     guidance = spec.uses_cfg
     order = ["uncond", "cond"] if guidance else ["cond"]
     cond = batch_branches(ops.encode(spec, prompt, guidance), order)
@@ -70,7 +72,7 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
     timer = StepTimer(ops.device)
 
     def forward(x: torch.Tensor, t: torch.Tensor, *c: torch.Tensor) -> torch.Tensor:
-        out = ops(torch.cat([x] * len(order)), t, dict(zip(keys, c, strict=True)))
+        out = ops(torch.cat([x] * len(order)), t, dict(zip(keys, c, strict=True)), denoiser=whole)
         return guide(*out.chunk(2), spec.guidance_scale) if guidance else out
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:

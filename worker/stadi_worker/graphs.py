@@ -30,6 +30,15 @@ class _Graph:
     output: torch.Tensor
 
 
+def compile_backend() -> str | None:
+    """The ``torch.compile`` backend for whole-frame steps (no band exchange inside): ``STADI_COMPILE=1``
+    means inductor, any other non-empty value names a backend; unset or 0: not compiled."""
+    value = os.environ.get("STADI_COMPILE", "").strip()
+    if value in ("", "0"):
+        return None
+    return "inductor" if value == "1" else value
+
+
 def graphs_enabled(device: torch.device) -> bool:
     """Graphs on CUDA devices unless ``STADI_CUDA_GRAPHS=0`` (a debugging switch: eager steps)."""
     return device.type == "cuda" and os.environ.get("STADI_CUDA_GRAPHS", "1") != "0"

@@ -194,18 +194,21 @@ class FamilyOps:
                 raise ValueError(f"family {self.family!r} is not supported")
         return out
 
-    def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One denoiser evaluation on ``latents`` (a band or the full frame) with batched conditioning."""
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                 denoiser: Any = None) -> torch.Tensor:
+        """One denoiser evaluation on ``latents`` (a band or the full frame) with batched conditioning;
+        ``denoiser`` replaces the pipeline's own (a compiled version of it)."""
         batch = latents.shape[0]
+        net = denoiser if denoiser is not None else self.denoiser
         if self.family in FLOW_FAMILIES:
-            return self.pipe.transformer(
+            return net(
                 hidden_states=latents, timestep=t.expand(batch), encoder_hidden_states=cond["encoder_hidden_states"],
                 pooled_projections=cond["pooled_projections"], return_dict=False)[0]
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return self.pipe.unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                              added_cond_kwargs=added, return_dict=False)[0]
+        return net(latents, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                   added_cond_kwargs=added, return_dict=False)[0]
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
