@@ -25,7 +25,7 @@ def test_bench_speed_cpu_smoke(model_cache: Path, tmp_path: Path) -> None:
     assert set(doc["levels"]) == {"1", "2"}
     for level in doc["levels"].values():
         res = level["models"]["sd3"]
-        assert set(res["strategies"]) == set(STRATEGIES_MEASURED)
+        assert list(res["strategies"]) == doc["strategies"] == [n for n in STRATEGIES_MEASURED if n != "stadi+cfg"]
         single = res["strategies"]["single"]
         assert len(single["per_rank_latency_ms"]) == 2 and res["ideal_ms"] < single["latency_ms"]
         for name in ("patch", "cfg", "stadi", "auto"):
@@ -62,7 +62,19 @@ def test_summarize_targets() -> None:
 def test_strategies_option() -> None:
     from stadi_worker.bench_speed import _strategies
 
-    assert _strategies("all") == list(STRATEGIES_MEASURED)
-    assert _strategies("stadi, patch") == ["single", "patch", "stadi"]  # table order; single always runs
+    assert _strategies("all", 2) == ["single", "patch", "cfg", "stadi", "hybrid", "auto"]
+    assert _strategies("all", 4) == ["single", "patch", "cfg", "stadi", "stadi+cfg", "auto"]
+    assert _strategies("stadi, patch", 2) == ["single", "patch", "stadi"]  # table order; single always runs
     with pytest.raises(ValueError, match="--strategies: unknown fast; allowed: all or some of single, patch"):
-        _strategies("stadi,fast")
+        _strategies("stadi,fast", 2)
+
+
+def test_levels_slow_the_last_ranks() -> None:
+    from stadi_worker.bench_speed import _mps_level, level_slowdowns
+
+    assert level_slowdowns("50", 2) == {1: "50"}
+    assert level_slowdowns(_mps_level(" 050/25"), 4) == {2: "50", 3: "25"}  # rank 0 stays the fastest
+    with pytest.raises(ValueError, match="slows 2 ranks; with 2 ranks at most 1"):
+        level_slowdowns("50/25", 2)
+    with pytest.raises(ValueError, match="--levels: '50/0' is not a percentage of the SMs"):
+        _mps_level("50/0")

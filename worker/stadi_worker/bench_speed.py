@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-STRATEGIES_MEASURED = ("single", "patch", "cfg", "stadi", "hybrid", "auto")
+STRATEGIES_MEASURED = ("single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid", "auto")
 DEFAULT_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
@@ -312,7 +312,7 @@ def launch_level(world: int, config: dict[str, Any], workdir: Path, extra_env: d
     from stadi_worker.local_ranks import run_ranks
 
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"config-{config['level']}.json"
+    path = workdir / f"config-{config['level'].replace('/', '-')}.json"
     path.write_text(json.dumps(config))
     env = dict(extra_env)
     if config["device"] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -410,7 +410,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
                       | ({peer["family"]} if peer else set()))
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
     for ax, family in zip(axes[0], families, strict=True):
-        names = list(STRATEGIES_MEASURED) + (["peer"] if peer and peer["family"] == family else [])
+        names = _columns(result) + (["peer"] if peer and peer["family"] == family else [])
         width = 0.8 / len(names)
         for j, name in enumerate(names):
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(levels))]
@@ -488,7 +488,9 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
         models.append(doc)
     use_mps = device == "cuda" and not args.slowdown
     if use_mps:
-        levels = [str(int(x)) for x in args.levels.split(",") if x.strip()]
+        levels = [_mps_level(x) for x in args.levels.split(",") if x.strip()]
+        for level in levels:
+            level_slowdowns(level, world)
     else:  # CPU: "1" (homogeneous) and one level per --slowdown item's factor, on the last rank
         levels = ["1"] + [s.split("=")[1] for s in args.slowdown]
     from stadi_worker.job_runner import default_cache_dir
@@ -498,7 +500,7 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
         raise ValueError("--peer-only needs --peer")
     peer_configs = peer_xdit.parse_configs(args.peer_configs) if args.peer else []
     peer_job = _peer_job(args, models, world, cache)
-    strategies = _strategies(args.strategies)
+    strategies = _strategies(args.strategies, world)
     result: dict[str, Any] = {
         "command": "stadi bench speed " + " ".join(shlex.quote(a) for a in (argv or [])),
         "device": device, "ranks": world, "height": args.height, "width": args.width or args.height,
@@ -512,17 +514,18 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
         result["peer"] = peer_xdit.new_block(peer_configs, args.peer_timeout)
     with tempfile.TemporaryDirectory(prefix="stadi-speed-") as tmp:
         work = Path(tmp)
-        need_mps = use_mps and any(lv != "100" for lv in levels)
+        need_mps = use_mps and any(set(level_slowdowns(lv, world).values()) != {"100"} for lv in levels)
         with mps_daemon(need_mps, work) as mps_env:
             for level in levels:
                 t0 = time.perf_counter()
                 config = {"level": level, "device": device, "models": models, "prompt": args.prompt, "seed": args.seed,
                           "cache_dir": str(cache), "warmup_runs": args.warmup_runs, "runs": args.runs,
-                          "strategies": strategies, "out": str(work / f"level-{level}.json"),
+                          "strategies": strategies, "out": str(work / f"level-{level.replace('/', '-')}.json"),
                           "threads": args.threads}
                 rank_env: dict[int, dict[str, str]] = {}
-                if use_mps and level != "100":
-                    rank_env[world - 1] = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": level}
+                if use_mps:
+                    rank_env = {r: {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": pct}
+                                for r, pct in level_slowdowns(level, world).items() if pct != "100"}
                 if not use_mps and level != "1":
                     config["slowdown"] = {str(world - 1): float(level)}
                 if args.peer_only:
@@ -553,15 +556,21 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
     return result
 
 
+def _columns(result: dict[str, Any]) -> list[str]:
+    """The strategies a result measured (older results: what ``all`` measures on their ranks)."""
+    return list(result.get("strategies") or _strategies("all", int(result.get("ranks", 2))))
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Seconds per image per level and model (``peer``: the peer's best there), then the peer's configurations."""
     peer = result.get("peer")
-    lines = [f"{'level':<6} {'model':<5} " + " ".join(f"{n:>9}" for n in (*STRATEGIES_MEASURED, "ideal", "peer"))
+    columns = _columns(result)
+    lines = [f"{'level':<6} {'model':<5} " + " ".join(f"{n:>9}" for n in (*columns, "ideal", "peer"))
              + "  PSNR(patch/cfg/stadi/auto)"]
     for level, data in result["levels"].items():
         for family, res in data["models"].items():
             st = res["strategies"]
-            cells = [f"{st.get(n, {}).get('latency_ms', float('nan')) / 1e3:>9.3f}" for n in STRATEGIES_MEASURED]
+            cells = [f"{st.get(n, {}).get('latency_ms', float('nan')) / 1e3:>9.3f}" for n in columns]
             peer_ms = (peer["levels"].get(level, {}).get("latency_ms") if peer and peer["family"] == family
                        else None) or float("nan")
             ps = "/".join(f"{st.get(n, {}).get('psnr', float('nan')):.1f}" for n in ("patch", "cfg", "stadi", "auto"))
@@ -574,15 +583,37 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _strategies(text: str) -> list[str]:
+def _strategies(text: str, world: int) -> list[str]:
     """``--strategies``: a subset of STRATEGIES_MEASURED in their order; ``single`` always runs (the ideal
-    bound and the fidelity reference come from it)."""
-    asked = {n.strip() for n in text.split(",") if n.strip()} if text != "all" else set(STRATEGIES_MEASURED)
+    bound and the fidelity reference come from it). ``all`` leaves out what cannot differ from another
+    strategy on ``world`` ranks: ``stadi+cfg`` below 4 ranks (it is ``cfg``), ``hybrid`` beside 2."""
+    if text == "all":
+        asked = set(STRATEGIES_MEASURED) - ({"stadi+cfg"} if world < 4 else set()) - (
+            {"hybrid"} if world != 2 else set())
+    else:
+        asked = {n.strip() for n in text.split(",") if n.strip()}
     unknown = asked - set(STRATEGIES_MEASURED)
     if unknown:
         raise ValueError(f"--strategies: unknown {', '.join(sorted(unknown))}; "
                          f"allowed: all or some of {', '.join(STRATEGIES_MEASURED)}")
     return [n for n in STRATEGIES_MEASURED if n in asked or n == "single"]
+
+
+def level_slowdowns(level: str, world: int) -> dict[int, str]:
+    """The ranks a level slows and by how much: ``50`` confines the last rank to 50% of the SMs (CPU: paces it
+    ×50), ``50/25`` the last two ranks to 50% and 25%; rank 0 always runs at full speed (the fastest GPU)."""
+    parts = level.split("/")
+    if len(parts) > world - 1:
+        raise ValueError(f"level {level!r} slows {len(parts)} ranks; with {world} ranks at most {world - 1}")
+    return {world - len(parts) + i: p for i, p in enumerate(parts)}
+
+
+def _mps_level(text: str) -> str:
+    """One ``--levels`` item: percentages of the SMs, ``/``-separated for several slowed ranks."""
+    pcts = [p.strip() for p in text.split("/")]
+    if not all(p.isdigit() and 1 <= int(p) <= 100 for p in pcts):
+        raise ValueError(f"--levels: {text.strip()!r} is not a percentage of the SMs (1-100, '/' between ranks)")
+    return "/".join(str(int(p)) for p in pcts)
 
 
 def add_arguments(parser: Any) -> None:
@@ -591,7 +622,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
     parser.add_argument("--ranks", type=int, help="ranks (default: every visible GPU; CPU: 2)")
     parser.add_argument("--levels", default="100,50,25",
-                        help="GPU: percent of the SMs (CUDA MPS) of the last rank, one level each")
+                        help="GPU: percent of the SMs (CUDA MPS) of the last rank, one level each; "
+                             "50/25 confines the last two ranks to 50%% and 25%%")
     parser.add_argument("--slowdown", action="append", default=[], metavar="RANK=FACTOR",
                         help="CPU smoke runs: paced slowdown of the last rank instead of MPS (one level per item)")
     parser.add_argument("--height", type=int, default=1024)
@@ -655,6 +687,8 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
     docs = [json.loads(p.read_text()) for p in paths]
     result = dict(docs[0])
     result["commands"] = [d["command"] for d in docs]
+    measured = {n for d in docs for n in _columns(d)}
+    result["strategies"] = [n for n in STRATEGIES_MEASURED if n in measured]
     result["levels"] = {}
     for d in docs:
         for level, data in d["levels"].items():

@@ -122,7 +122,8 @@ def run_level(level: str, configs: list[str], job: PeerJob, workdir: Path, env: 
     entry so far after each (partial results survive a kill in the middle of a level)."""
     results = {}
     for name in configs:
-        entry = run_config(name, job, workdir / f"peer-{level}-{name}", env, rank_env, timeout_s, driver)
+        where = workdir / f"peer-{level.replace('/', '-')}-{name}"
+        entry = run_config(name, job, where, env, rank_env, timeout_s, driver)
         results[name] = entry
         what = entry.get("error") or f"{entry['latency_ms'] / 1e3:.3f} s"
         print(f"level {level}: xDiT {name}: {what} ({entry['seconds']} s)", file=sys.stderr, flush=True)
