@@ -20,7 +20,8 @@ from tests.unit.test_api_validation import BAD, GOOD
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIRS = [ROOT / "manifests" / "crds", ROOT / "charts" / "stadi" / "crds"]
 EXAMPLES = ROOT / "manifests" / "examples"
-REQUIRED_EXAMPLES = {"sdxl.yaml", "sd3.yaml", "sdxl-patch.yaml", "tiny-sdxl.yaml", "tiny-sd3.yaml"}
+REQUIRED_EXAMPLES = {"sdxl.yaml", "sd3.yaml", "sdxl-patch.yaml", "tiny-sdxl.yaml", "tiny-sd3.yaml",
+                     "tiny-pixart.yaml"}
 
 TYPES = {"object", "array", "string", "integer", "number", "boolean"}
 # JSON-schema constructs a structural schema may not hold (or that the apiserver rejects outright).
@@ -357,7 +358,7 @@ def test_examples_cover_the_asked_configurations() -> None:
     sd3 = load("sd3.yaml").spec
     assert (sd3.model.family, sd3.steps, sd3.scheduler) == ("sd3", 28, "flow-euler")
     assert load("sdxl-patch.yaml").spec.parallelism.strategy == "patch"
-    for name, family in (("tiny-sdxl.yaml", "sdxl"), ("tiny-sd3.yaml", "sd3")):
+    for name, family in (("tiny-sdxl.yaml", "sdxl"), ("tiny-sd3.yaml", "sd3"), ("tiny-pixart.yaml", "pixart")):
         tiny = load(name).spec
         assert (tiny.model.family, tiny.height, tiny.width, tiny.steps) == (family, 128, 128, 8)
         assert (tiny.parallelism.warmup_steps, tiny.parallelism.min_effective_steps) == (2, 4)

@@ -93,6 +93,33 @@ def test_pipelines_tiny_sd15_and_sd3(tiny_dir, model_cache: Path) -> None:
         make_scheduler(pipe, "sd3", "ddim")
 
 
+def test_pipelines_tiny_pixart(tiny_dir, model_cache: Path) -> None:
+    """PixArt-alpha from disk (T5 tokenizer from its tokenizer.json): our loop equals diffusers' own
+    ``__call__`` on the same noise, also with the size micro-conditions of a sample_size 128 transformer."""
+    from diffusers import PixArtTransformer2DModel
+    from stadi_worker.generate import initial_noise
+
+    path = tiny_dir("pixart")
+    assert json.loads((path / "model_index.json").read_text())["tokenizer"] == ["transformers", "T5Tokenizer"]
+    pipe = load_pipeline(ModelSource(family="pixart", source="random://tiny", dtype="float32"), "cpu", model_cache)
+    assert type(pipe).__name__ == "PixArtAlphaPipeline"
+    assert type(make_scheduler(pipe, "pixart", "default")).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.tokenizer("a cat").input_ids[-1] == pipe.tokenizer.eos_token_id
+    for height, width, sample_size in ((128, 128, 16), (128, 256, 128)):
+        if sample_size != pipe.transformer.config.sample_size:
+            torch.manual_seed(0)
+            pipe.transformer = PixArtTransformer2DModel.from_config({**pipe.transformer.config,
+                                                                     "sample_size": sample_size})
+        spec = DiffusionJobSpec.model_validate(job_spec("pixart", steps=3, height=height, width=width,
+                                                        negativePrompt="blurry"))
+        ours = generate_serial(pipe, spec, "a boat", 0)
+        assert ours.image is not None and ours.image.size == (width, height)
+        theirs = pipe("a boat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=spec.guidance_scale,
+                      height=height, width=width, latents=initial_noise((4, height // 8, width // 8), 0, 1.0),
+                      output_type="latent", use_resolution_binning=False, clean_caption=False).images
+        assert torch.allclose(ours.latents, theirs, rtol=1e-5, atol=1e-4)
+
+
 def test_pipelines_compiled_whole_frame_steps(sdxl_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
     """STADI_COMPILE: whole-frame steps run through torch.compile (one compiled denoiser per pipeline in the
     workspace) and give the eager result; the backend here is aot_eager (no C++ toolchain time in tests)."""

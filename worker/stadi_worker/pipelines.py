@@ -27,8 +27,11 @@ PIPELINE_CLASSES = {
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "sd15": "StableDiffusionPipeline",
+    "pixart": "PixArtAlphaPipeline",
 }
 FLOW_FAMILIES = ("sd3",)
+DIT_FAMILIES = ("sd3", "pixart")  # denoiser at pipe.transformer (the others: pipe.unet)
+PIXART_TOKENS = 120  # PixArt-alpha's T5 prompt length (training and diffusers' default)
 CACHE_VERSION = "v2"  # bump when tiny.py's configs change, so stale caches are not reused
 
 
@@ -147,7 +150,7 @@ class FamilyOps:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer if self.family in FLOW_FAMILIES else self.pipe.unet
+        return self.pipe.transformer if self.family in DIT_FAMILIES else self.pipe.unet
 
     @property
     def device(self) -> torch.device:
@@ -190,8 +193,26 @@ class FamilyOps:
                 out["cond"] = {"encoder_hidden_states": pe, "pooled_projections": ppe}
                 if guidance:
                     out["uncond"] = {"encoder_hidden_states": npe, "pooled_projections": nppe}
+            elif self.family == "pixart":
+                out = self._encode_pixart(spec, prompt, guidance)
             else:
                 raise ValueError(f"family {self.family!r} is not supported")
+        return out
+
+    def _encode_pixart(self, spec: DiffusionJobSpec, prompt: str, guidance: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """T5 states with their padding masks (the cross-attention must not attend to pad tokens); the
+        1024 model (``use_additional_conditions``) also takes the image size and aspect ratio."""
+        dev = self.device
+        pe, pm, npe, npm = self.pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "", device=dev,
+            clean_caption=False, max_sequence_length=PIXART_TOKENS)
+        micro: dict[str, torch.Tensor] = {}
+        if self.denoiser.use_additional_conditions:
+            micro = {"resolution": torch.tensor([[spec.height, spec.width]], device=dev, dtype=pe.dtype),
+                     "aspect_ratio": torch.tensor([[spec.height / spec.width]], device=dev, dtype=pe.dtype)}
+        out = {"cond": {"encoder_hidden_states": pe, "encoder_attention_mask": pm, **micro}}
+        if guidance:
+            out["uncond"] = {"encoder_hidden_states": npe, "encoder_attention_mask": npm, **micro}
         return out
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
@@ -204,6 +225,13 @@ class FamilyOps:
             return net(
                 hidden_states=latents, timestep=t.expand(batch), encoder_hidden_states=cond["encoder_hidden_states"],
                 pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        if self.family == "pixart":
+            micro = {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}
+            out = net(latents, encoder_hidden_states=cond["encoder_hidden_states"],
+                      encoder_attention_mask=cond["encoder_attention_mask"], timestep=t.expand(batch),
+                      added_cond_kwargs=micro, return_dict=False)[0]
+            # learned sigma: the variance channels follow the noise prediction; the sampler uses the noise only
+            return out[:, :self.denoiser.config.in_channels]
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}

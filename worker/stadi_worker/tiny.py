@@ -1,8 +1,9 @@
 """Random-weight pipelines built offline from config: tiny ones for tests, real-size ones for benchmarks.
 
 Nothing here touches the network: the CLIP tokenizer is made from a small byte-level vocabulary written
-by hand, every model is built from a config dict and initialised from a fixed seed, so that every rank
-(and every machine) that builds the same family and size gets the same weights.
+by hand, the T5 tokenizer from a character-level Unigram vocabulary, every model is built from a config
+dict and initialised from a fixed seed, so that every rank (and every machine) that builds the same family
+and size gets the same weights.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 Size = Literal["tiny", "full"]
-FAMILIES_BUILT: tuple[str, ...] = ("sdxl", "sd3", "sd15")
+FAMILIES_BUILT: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart")
 _SEED = 1234
 
 
@@ -48,6 +49,18 @@ def write_clip_tokenizer(path: Path, model_max_length: int = 77) -> None:
     # load back from the two files (the real loading path), then save the full tokenizer configs beside them
     tok = CLIPTokenizer.from_pretrained(path, model_max_length=model_max_length)
     tok.save_pretrained(path)
+
+
+def t5_tokenizer(model_max_length: int = 120):
+    """A T5 tokenizer whose Unigram vocabulary is T5's specials (pad 0, eos 1, unk 2), the word-start
+    marker and single characters: every lower-cased ASCII prompt tokenizes, letter by letter."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
 def _clip_config(size: Size, vocab_size: int, kind: str) -> dict[str, Any]:
@@ -136,18 +149,49 @@ def _sd3_transformer(size: Size):
         pooled_projection_dim=2048, pos_embed_max_size=192)
 
 
+def _t5_encoder(size: Size, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    # T5-v1.1 (gated GELU, untied relative attention); full size has XXL's layer shape (the 4096 wide output
+    # PixArt's caption projection expects) but 2 of its 24 layers: text encoding is outside the timed steps,
+    # and the whole XXL encoder would be ~19 GB of random fp32 weights to build and store per node.
+    shape = (dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2) if size == "tiny"
+             else dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2))
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, **shape))
+
+
+def _pixart_transformer(size: Size, caption_channels: int):
+    from diffusers import PixArtTransformer2DModel
+
+    if size == "tiny":
+        # width 48: divisible by 3, as the size micro-conditions of a sample_size 128 variant need
+        return PixArtTransformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
+            attention_head_dim=12, cross_attention_dim=48, caption_channels=caption_channels,
+            norm_type="ada_norm_single")
+    # PixArt-alpha XL-2 1024 (sample_size 128: resolution and aspect-ratio micro-conditions)
+    return PixArtTransformer2DModel(
+        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+        attention_head_dim=72, cross_attention_dim=1152, caption_channels=caption_channels,
+        norm_type="ada_norm_single")
+
+
 def build_pipeline(family: str, size: Size = "tiny"):
     """A diffusers pipeline of ``family`` with random weights (fixed seed), built without the network.
 
     SD3 is built without its T5 encoder (``text_encoder_3=None``: the pipeline feeds zeros in its place),
-    which keeps the denoiser at its real cost and the load small.
+    which keeps the denoiser at its real cost and the load small. PixArt's T5 is cut to 2 layers at full
+    size (see ``_t5_encoder``).
     """
     import tempfile
 
     from diffusers import (
         DDIMScheduler,
+        DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
         FlowMatchEulerDiscreteScheduler,
+        PixArtAlphaPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -178,6 +222,17 @@ def build_pipeline(family: str, size: Size = "tiny"):
                 tokenizer=tokenizer, unet=_unet_sd15(size),
                 scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **sd_betas),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        if family == "pixart":
+            t5 = t5_tokenizer()
+            encoder = _t5_encoder(size, len(t5))
+            return PixArtAlphaPipeline(
+                tokenizer=t5, text_encoder=encoder, vae=_vae(size, 4, 0.18215, None),
+                transformer=_pixart_transformer(size, encoder.config.d_model),
+                # PixArt-alpha's own: DDPM's linear betas, 2nd-order DPM-Solver++
+                scheduler=DPMSolverMultistepScheduler(
+                    beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
+                    algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon"),
             )
         return StableDiffusion3Pipeline(
             vae=_vae(size, 16, 1.5305, 0.0609),
@@ -210,7 +265,7 @@ def save_random_pipeline(family: str, size: Size, dest: Path) -> Path:
             if not (dest / name / "model.safetensors").exists():
                 save_model(component, str(dest / name / "model.safetensors"), metadata={"format": "pt"})
     # transformers 5 saves only tokenizer.json; keep the hand-written vocab.json + merges.txt beside it
-    for sub in ("tokenizer", "tokenizer_2"):
-        if (dest / sub).is_dir():
-            write_clip_tokenizer(dest / sub)
+    for name, component in pipe.components.items():
+        if isinstance(component, transformers.CLIPTokenizer):
+            write_clip_tokenizer(dest / name)
     return dest
