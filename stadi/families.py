@@ -11,6 +11,16 @@ from typing import Literal
 
 Family = Literal["sdxl", "sd3", "sd15", "pixart", "flux"]
 FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart", "flux")
+# what this release's worker runs (its layer wrappers and pipeline classes); the planner plans every family
+RUNNABLE: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart")
+
+
+def not_runnable(family: str) -> str | None:
+    """Why a job of ``family`` cannot run on this release's worker, or None when it can."""
+    if family in RUNNABLE:
+        return None
+    return (f"spec.model.family: {family!r} can be planned (stadi plan) but this release's worker does not run it; "
+            f"runnable: {', '.join(RUNNABLE)}")
 
 
 @dataclass(frozen=True)

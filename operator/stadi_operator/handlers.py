@@ -46,6 +46,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from stadi.api import API_VERSION, GROUP, VERSION, Condition, DiffusionJob, DiffusionJobStatus, Plan, load_job
+from stadi.families import not_runnable
 from stadi.planner import Device, plan_job
 from stadi_operator import children as ch
 from stadi_operator import inventory
@@ -262,9 +263,11 @@ def validate(body: Mapping[str, Any]) -> tuple[DiffusionJob | None, str]:
                 "metadata": {"name": name, "namespace": meta.get("namespace")},
                 "spec": copy.deepcopy(dict(body.get("spec") or {}))}
     try:
-        return load_job(document), ""
+        job = load_job(document)
     except ValueError as error:
         return None, str(error).removeprefix("invalid DiffusionJob: ")
+    why = not_runnable(job.spec.model.family)
+    return (None, why) if why else (job, "")
 
 
 def _reject(job: Job, message: str) -> None:

@@ -138,3 +138,12 @@ def test_pipelines_compiled_whole_frame_steps(sdxl_pipe, monkeypatch: pytest.Mon
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-5)
     monkeypatch.delenv("STADI_COMPILE")
     assert Workspace().whole_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})()) is None
+
+
+def test_pipelines_runnable_families_are_the_worker_classes() -> None:
+    """The families admitted as runnable (operator, stadi run) are exactly those the worker can load."""
+    from stadi_worker.pipelines import PIPELINE_CLASSES
+
+    from stadi.families import FAMILIES, RUNNABLE
+
+    assert set(RUNNABLE) == set(PIPELINE_CLASSES) and set(RUNNABLE) <= set(FAMILIES)

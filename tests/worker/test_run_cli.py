@@ -312,6 +312,17 @@ def test_stadi_run_bad_job_file(tmp_path: Path) -> None:
     assert "invalid DiffusionJob" in proc.stderr and "output" in proc.stderr
 
 
+def test_stadi_run_refuses_a_family_it_cannot_run(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"spec": {"model": {"family": "flux", "source": "random://tiny"},
+                                             "prompts": ["a fox"], "output": {"uri": (tmp_path / "out").as_uri()}}}))
+    proc = _stadi("run", str(path), "--device", "cpu", timeout=120)
+    assert proc.returncode == 1
+    assert "spec.model.family: 'flux' can be planned (stadi plan) but this release's worker does not run it" \
+        in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_open_store_for_run_output_is_checked_first(s3_endpoint: str, s3_env: dict[str, str]) -> None:
     with pytest.raises(StorageError, match="bucket does not exist"):
         open_store("s3://missing-bucket-xyz/out", s3_endpoint)

@@ -43,6 +43,7 @@ from typing import IO, Any
 import yaml
 
 from stadi.api import DiffusionJob, Plan, load_job
+from stadi.families import not_runnable
 from stadi_worker.job_runner import ProgressEvent
 from stadi_worker.storage import StorageError, local_path, open_store
 
@@ -566,6 +567,9 @@ def run_command(args: argparse.Namespace) -> int:
     """``stadi run``."""
     try:
         job = read_job(args.job)
+        why = not_runnable(job.spec.model.family)
+        if why:
+            raise WorkerError(why)
         if job.metadata.name is None:
             job.metadata.name = _name_from(Path(args.job))
         job = apply_output_overrides(job, args.output, args.endpoint)
