@@ -77,16 +77,13 @@ def _barrier(ctx: Any) -> None:
 def _plan_for(spec: Any, name: str, world: int, speeds: list[float] | None, gpu: str) -> Any:
     """The plan of strategy ``name`` on ``world`` ranks (``speeds``: measured, None: the catalogue's)."""
     from stadi.planner import LINKS, Device, PlanRequest, plan
+    from stadi_worker.generate import in_process_order
 
     link = LINKS["pcie"] if gpu.upper().startswith("CPU") else None
     request = replace(PlanRequest.from_spec(spec, link), strategy=name, gpus_min=world, gpus_max=world)
     pool = [Device(gpu, node="local", index=i, speed=(speeds[i] if speeds else (1.0 if gpu == "CPU" else None)))
             for i in range(world)]
-    p = plan(request, pool)
-    # the planner numbers ranks fastest first; our processes are fixed: rank r runs device index r
-    by_proc = sorted(p.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
-    ranks = [r.model_copy(update={"rank": i, "gpu_index": i}) for i, r in enumerate(by_proc)]
-    p = p.model_copy(update={"ranks": ranks})
+    p = in_process_order(plan(request, pool), list(range(world)))  # our rank r runs device index r
     p.validate_for(world)
     return p
 

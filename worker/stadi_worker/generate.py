@@ -106,11 +106,23 @@ def _link(plan: Plan) -> float:
     return default_link((r.gpu, r.node) for r in plan.ranks)
 
 
-def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tuple[Plan | None, float]:
-    """Ask the planner for exactly these ranks at ``speeds``, under the job's strategy.
+def in_process_order(fresh: Plan, gpu_indices: list[int | None]) -> Plan:
+    """``fresh`` with its ranks renumbered for processes that already run: the planner numbers ranks fastest
+    first; process r drives the device ``gpu_indices[r]`` (ranks are matched by the device index they
+    were planned for)."""
+    by_proc = sorted(fresh.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
+    ranks = [r.model_copy(update={"rank": i, "gpu_index": gpu_indices[i]}) for i, r in enumerate(by_proc)]
+    return fresh.model_copy(update={"ranks": ranks})
 
-    Returns (the new plan with ranks in process order, or None when the predicted gain does not pass
-    ``replanThreshold``; the gain). Pure and deterministic: run on rank 0 and broadcast.
+
+def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold: float | None = None,
+           **request_changes: Any) -> tuple[Plan | None, float]:
+    """Ask the planner for exactly these ranks at ``speeds``, under the job's strategy (``request_changes``
+    override fields of the planner's request, e.g. the strategy).
+
+    Returns (the new plan with ranks in process order, or None when it is the same or its predicted gain
+    does not pass ``threshold``, by default ``replanThreshold``; the gain). Pure and deterministic: run on
+    rank 0 and broadcast.
     """
     from dataclasses import replace
 
@@ -121,7 +133,7 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tuple[Pla
     link = _link(plan)
     world = plan.world_size
     request = replace(PlanRequest.from_spec(spec, link), gpus_min=world, gpus_max=world,
-                      warmup_steps=plan.warmup_steps)
+                      warmup_steps=plan.warmup_steps, **request_changes)
     pool = [Device(r.gpu, node=r.node, index=r.rank, speed=speeds[r.rank]) for r in plan.ranks]
     try:
         fresh = run_planner(request, pool)
@@ -130,17 +142,18 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tuple[Pla
         return None, 0.0
     if fresh.world_size != world:
         return None, 0.0
-    # the planner numbers ranks fastest first; the processes are already running: map back by device index
-    by_proc = sorted(fresh.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
-    ranks = [r.model_copy(update={"rank": i, "gpu_index": plan.ranks[i].gpu_index}) for i, r in enumerate(by_proc)]
-    fresh = fresh.model_copy(update={"ranks": ranks})
+    fresh = in_process_order(fresh, [r.gpu_index for r in plan.ranks])
     fresh.validate_for(world)
     args = (plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
     old_s = predict_seconds(plan, speeds, *args)
     new_s = predict_seconds(fresh, speeds, *args)
     gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
-    same = [(r.rows, r.stride, r.branch) for r in fresh.ranks] == [(r.rows, r.stride, r.branch) for r in plan.ranks]
-    if same or gain <= spec.parallelism.replan_threshold:
+
+    def shares(p: Plan) -> list[tuple[Any, ...]]:
+        return [(r.rows, r.stride, r.branch, r.layers) for r in p.ranks]
+
+    limit = spec.parallelism.replan_threshold if threshold is None else threshold
+    if shares(fresh) == shares(plan) or gain <= limit:
         return None, gain
     return fresh, gain
 

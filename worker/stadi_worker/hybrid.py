@@ -32,7 +32,7 @@ from stadi.api import DiffusionJobSpec, HybridPlan, Plan
 from stadi.planner.stage_split import Unit, balanced_boundary
 from stadi_worker.bands import Workspace
 from stadi_worker.emulate import Pacer
-from stadi_worker.generate import GenerationResult, initial_noise, measured_speeds
+from stadi_worker.generate import GenerationResult, initial_noise, measured_speeds, replan
 from stadi_worker.pipelines import FamilyOps, batch_branches, make_scheduler
 from stadi_worker.runtime import DistContext
 from stadi_worker.sampling import BandSampler, StepTimer
@@ -121,36 +121,12 @@ def replan_stages(spec: DiffusionJobSpec, plan: Plan, speeds: list[float]) -> tu
     """The hybrid plan for these two ranks at measured ``speeds`` (branches, stage roles and the cut may
     change), or None when it predicts no gain. A re-split moves no state (the window has not begun), so
     any gain is taken rather than only one above ``replanThreshold``."""
-    from dataclasses import replace
-
     from stadi.families import HybridSchedule
-    from stadi.planner import LINKS, Device, PlanRequest, default_link
-    from stadi.planner import plan as run_planner
-    from stadi.planner.evaluate import predict_seconds
 
     h = plan.hybrid
     assert h is not None
-    cpu = any(r.gpu.upper().startswith("CPU") for r in plan.ranks)
-    link = LINKS["pcie"] if cpu else default_link((r.gpu, r.node) for r in plan.ranks)
     schedule = HybridSchedule(h.window, h.slope_threshold, h.pipeline_steps, h.cap_step)
-    request = replace(PlanRequest.from_spec(spec, link), strategy="hybrid", gpus_min=2, gpus_max=2,
-                      warmup_steps=plan.warmup_steps, hybrid=schedule)
-    pool = [Device(r.gpu, node=r.node, index=r.rank, speed=speeds[r.rank]) for r in plan.ranks]
-    try:
-        fresh = run_planner(request, pool)
-    except ValueError as error:
-        log.warning("hybrid re-plan failed; keeping the plan", extra={"error": str(error)})
-        return None, 0.0
-    # the planner numbers ranks fastest first; the processes are running: map back by process rank
-    by_proc = sorted(fresh.ranks, key=lambda r: r.gpu_index if r.gpu_index is not None else r.rank)
-    ranks = [r.model_copy(update={"rank": i, "gpu_index": plan.ranks[i].gpu_index}) for i, r in enumerate(by_proc)]
-    fresh = fresh.model_copy(update={"ranks": ranks})
-    fresh.validate_for(2)
-    old_s = predict_seconds(plan, speeds, plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
-    new_s = predict_seconds(fresh, speeds, plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
-    gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
-    same = [(r.branch, r.layers) for r in fresh.ranks] == [(r.branch, r.layers) for r in plan.ranks]
-    return (None if same or gain <= 0 else fresh), gain
+    return replan(spec, plan, speeds, threshold=0.0, strategy="hybrid", hybrid=schedule)
 
 
 def _swap(send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], peer: int) -> None:
