@@ -1,4 +1,4 @@
-"""Rank body of the hybrid tests: ``run(config)`` on every rank (see conftest.launch_ranks).
+"""Rank body of the hybrid and step-graph tests: ``run(config)`` on every rank (see conftest.launch_ranks).
 
 ``config["runs"]``: ``{"name", "plan" (a Plan document, null: the serial reference on rank 0), "exact",
 "replan", "slowdown" ({rank: factor}), "prompt" (else the config's), "workspace" (a name: runs naming the
@@ -85,7 +85,9 @@ def run(config: dict[str, Any]) -> None:
             keys = []
             if isinstance(graphs, ReplayGraphs):
                 keys = [(k, n, graphs.replays[k]) for k, n in graphs.calls.items()]
-            mine = (res.modes, res.discrepancy, res.window, res.boundary_layer, len(res.step_ms), res.wait_ms, keys)
+            # hybrid results carry the mode record; other strategies' plain results leave it empty
+            mine = (getattr(res, "modes", None), getattr(res, "discrepancy", None), getattr(res, "window", None),
+                    getattr(res, "boundary_layer", None), len(res.step_ms), res.wait_ms, keys)
             every: list[Any] = [None, None]
             dist.all_gather_object(every, mine)
             if ctx.rank == 0:
