@@ -200,3 +200,22 @@ def test_peer_needs_sd3_and_two_ranks(model_cache: Path) -> None:
         run_bench(parser.parse_args([*common, "--models", "sd3", "--ranks", "3"]))
     with pytest.raises(ValueError, match="--peer-only needs --peer"):
         run_bench(parser.parse_args(["--device", "cpu", "--models", "sd3", "--peer-only"]))
+
+
+def test_merge_adds_a_re_measured_strategy_and_keeps_the_first_single(tmp_path: Path) -> None:
+    base = {"command": "stadi bench speed", "height": 1024, "width": 1024, "steps": 50, "slowdown_kind": "mps"}
+    ours = dict(base, levels=_levels())
+    # a later run of hybrid alone (single always runs beside it, with its own figure)
+    again = dict(base, strategies=["single", "hybrid"], levels={"50": {"models": {"sd3": {"ideal_ms": 900.0,
+                 "strategies": {"single": {"latency_ms": 2500.0}, "hybrid": {"latency_ms": 1600.0}}}}}})
+    paths = []
+    for i, doc in enumerate((ours, again)):
+        paths.append(tmp_path / f"speed-{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    merged = merge(paths, tmp_path / "merged.json")
+    at50 = merged["levels"]["50"]["models"]["sd3"]
+    assert at50["strategies"]["hybrid"] == {"latency_ms": 1600.0}
+    assert at50["strategies"]["single"] == {"latency_ms": 2600.0} and at50["ideal_ms"] == 1000.0
+    assert at50["strategies"]["stadi"] == {"latency_ms": 1400.0}
+    assert "hybrid" not in merged["levels"]["100"]["models"]["sd3"]["strategies"]
+    assert "hybrid" in merged["strategies"]

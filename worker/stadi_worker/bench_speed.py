@@ -24,6 +24,7 @@ the result's ``peer`` block, the summary (``stadi_vs_peer``: peer's best / stadi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -678,9 +679,22 @@ def command(args: Any) -> int:
     return 0
 
 
+def _merge_model(models: dict[str, Any], family: str, entry: dict[str, Any]) -> None:
+    """Strategies of a later run of the same model and level are added to (or replace) the earlier ones, but
+    the first run's ``single`` stays: the ideal bound and speeds are computed from it."""
+    if family not in models:
+        models[family] = copy.deepcopy(entry)
+        return
+    kept = models[family]["strategies"]
+    for name, figures in entry["strategies"].items():
+        if name != "single" or name not in kept:
+            kept[name] = copy.deepcopy(figures)
+
+
 def merge(paths: list[Path], out: Path) -> dict[str, Any]:
-    """One result from several runs of the same harness (e.g. one model each, or the peer alone): levels,
-    models and the peer's configurations united, the summary recomputed, the plot redrawn beside ``out``."""
+    """One result from several runs of the same harness (e.g. one model each, a strategy re-measured, or the
+    peer alone): levels, models, strategies and the peer's configurations united, the summary recomputed, the
+    plot redrawn beside ``out``."""
     docs = [json.loads(p.read_text()) for p in paths]
     result = dict(docs[0])
     result["commands"] = [d["command"] for d in docs]
@@ -690,7 +704,8 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
     for d in docs:
         for level, data in d["levels"].items():
             into = result["levels"].setdefault(level, {**data, "models": {}})
-            into["models"].update(data["models"])
+            for family, entry in data["models"].items():
+                _merge_model(into["models"], family, entry)
     from stadi_worker.peer_xdit import merge as merge_peer
 
     result.pop("peer", None)
