@@ -78,3 +78,22 @@ def test_levels_slow_the_last_ranks() -> None:
         level_slowdowns("50/25", 2)
     with pytest.raises(ValueError, match="--levels: '50/0' is not a percentage of the SMs"):
         _mps_level("50/0")
+
+
+def test_a_failing_level_keeps_what_it_measured(model_cache: Path, tmp_path: Path) -> None:
+    """Ranks that fail on the second model still leave the first model's figures (and the error) behind."""
+    from stadi_worker.bench_speed import launch_level
+
+    doc = {"model": {"family": "sd3", "source": "random://tiny", "dtype": "float32"}, "prompts": ["a cat"],
+           "height": 64, "width": 64, "steps": 3, "guidanceScale": 5.0, "seed": 1,
+           "parallelism": {"warmupSteps": 1, "minEffectiveSteps": 2}, "output": {"uri": "file:///tmp/x"}}
+    broken = dict(doc, steps=0)  # fails validation inside the ranks, after the first model was measured
+    config = {"level": "1", "device": "cpu", "models": [doc, broken], "prompt": "a cat", "seed": 1,
+              "cache_dir": str(model_cache), "warmup_runs": 0, "runs": 1, "strategies": ["single", "patch"],
+              "out": str(tmp_path / "level-1.json"), "threads": 1}
+    data = launch_level(2, config, tmp_path, {}, {}, 300.0)
+    assert "failed with exit codes" in data["error"]
+    assert set(data["models"]) == {"sd3"}
+    assert data["models"]["sd3"]["strategies"]["patch"]["latency_ms"] > 0
+    with pytest.raises(RuntimeError, match="failed with exit codes"):
+        launch_level(2, dict(config, models=[broken], out=str(tmp_path / "none.json")), tmp_path, {}, {}, 300.0)

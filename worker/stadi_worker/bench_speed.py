@@ -162,6 +162,10 @@ def run_rank(config: dict[str, Any]) -> None:
         "H100" if ctx.device.type == "cuda" else "CPU")
     report: dict[str, Any] = {"level": config["level"], "gpus": gpus, "models": {}}
     prompt, seed = config["prompt"], config["seed"]
+
+    def save() -> None:  # after every strategy: a later failure or timeout keeps the figures measured so far
+        if ctx.rank == 0:
+            Path(config["out"]).write_text(json.dumps(report, indent=1))
     try:
         for model_doc in config["models"]:
             spec = DiffusionJobSpec.model_validate(model_doc)
@@ -174,6 +178,7 @@ def run_rank(config: dict[str, Any]) -> None:
             ops = FamilyOps(pipe, family)
             ws = Workspace()  # one per pipeline: the graphs of every strategy are captured once
             res: dict[str, Any] = {"load_s": round(load_s, 2), "strategies": {}}
+            report["models"][family] = res
             images: dict[str, Any] = {}
             world = ctx.world_size
             warm, runs = int(config["warmup_runs"]), int(config["runs"])
@@ -246,6 +251,7 @@ def run_rank(config: dict[str, Any]) -> None:
                     if ctx.rank == 0:
                         images[name] = ops.decode_tensor(first.latents)
                     res["strategies"][name] = entry
+                    save()
             if ctx.rank == 0:
                 ref = images["single"]
                 for name, img in images.items():
@@ -253,14 +259,12 @@ def run_rank(config: dict[str, Any]) -> None:
                         continue
                     res["strategies"][name]["psnr"] = round(min(psnr(img, ref), 100.0), 3)
                     res["strategies"][name]["ssim"] = round(ssim(img, ref), 6)
-            report["models"][family] = res
+            save()
             ws.close()
             del pipe, ops, images, ws
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             _barrier(ctx)
-        if ctx.rank == 0:
-            Path(config["out"]).write_text(json.dumps(report, indent=1))
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -305,8 +309,9 @@ def mps_daemon(enabled: bool, workdir: Path) -> Iterator[dict[str, str]]:
 
 
 def launch_level(world: int, config: dict[str, Any], workdir: Path, extra_env: dict[str, str],
-                 rank_env: dict[int, dict[str, str]], timeout_s: float) -> None:
-    """Run ``python -m stadi_worker.bench_speed CONFIG`` on ``world`` local ranks."""
+                 rank_env: dict[int, dict[str, str]], timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m stadi_worker.bench_speed CONFIG`` on ``world`` local ranks; their report, with an
+    ``error`` when they failed after measuring something (nothing measured: RuntimeError)."""
     from stadi_worker.local_ranks import run_ranks
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -316,9 +321,14 @@ def launch_level(world: int, config: dict[str, Any], workdir: Path, extra_env: d
     if config["device"] == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     out = run_ranks([sys.executable, "-m", "stadi_worker.bench_speed", str(path)], world, env, rank_env, timeout_s)
-    if not out.ok:
-        why = f"timed out after {timeout_s:g} s" if out.timed_out else "failed"
-        raise RuntimeError(f"level {config['level']}: ranks {why} with exit codes {out.codes}")
+    report = Path(config["out"])
+    if out.ok:
+        return json.loads(report.read_text())
+    why = f"timed out after {timeout_s:g} s" if out.timed_out else "failed"
+    error = f"level {config['level']}: ranks {why} with exit codes {out.codes}"
+    if not report.exists():
+        raise RuntimeError(error)
+    return dict(json.loads(report.read_text()), error=error)
 
 
 def _versions() -> dict[str, Any]:
@@ -530,8 +540,9 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
                     data = {"level": level, "models": {}}
                 else:
                     env = dict(mps_env, **({"STADI_COMPILE": "1"} if args.compile else {}))
-                    launch_level(world, config, work, env, rank_env, args.level_timeout)
-                    data = json.loads(Path(config["out"]).read_text())
+                    data = launch_level(world, config, work, env, rank_env, args.level_timeout)
+                    if "error" in data:
+                        print(f"{data['error']}; the strategies measured before are kept", file=sys.stderr)
                 result["levels"][level] = data
                 shown: dict[str, Any] = {"levels": {level: data}}
                 if peer_job is not None:
