@@ -1,7 +1,8 @@
 """Per model family facts the planner and the API need: latent geometry and the affine cost constants.
 
 Cost constants are for one denoiser step on an H100 SXM (relative speed 1.0) replayed as a CUDA graph,
-fp16: ``c(h) = alpha_ms + beta_ms * batch * h * (latent_width / 128)``. Measured runs refine them.
+fp16: ``c(h) = alpha_ms + beta_ms * batch * h * (latent_width / 128)``, plus ``band_exchange_ms`` on a step in
+which the rank exchanges band activations with other ranks. Measured runs refine them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class FamilyProfile:
     alpha_ms: float  # fixed cost of a step (launches, norms, text paths): small bands are not free
     beta_ms: float  # cost per latent row per batch item at latent width 128
     act_bytes_per_row: float  # activation bytes exchanged per latent row per batch item (fp16, width 128)
+    # fixed cost of a step in which the rank exchanges band activations with other ranks (its group splits
+    # rows), even overlapped: the per-layer collectives' NCCL kernels share the SMs with compute
+    band_exchange_ms: float
     default_scheduler: str
     source: str  # where the constants come from
 
@@ -42,18 +46,29 @@ class FamilyProfile:
         return self.granularity * self.vae_factor
 
 
+# band_exchange_ms, measured on 2x H200 over NVLink as CUDA graphs, 1024^2, b=2, 50 steps
+# (bench/results/speed-2xh200-graphs.json, level 100): a stale patch step of 64 rows took 33.04 ms (SDXL) and
+# 33.30 ms (SD3) where (alpha + beta * 2 * 64) / v predicts 25.52 and 26.70 ms, v being the GPU's speed on
+# this H100 scale measured from the same run's full-frame steps (1.005 and 1.013; the catalogue has H200 =
+# H100 = 1.0): 7.5 and 6.7 ms at speed 1.0 (SDXL ~190 per-layer collectives, SD3 24 larger ones). Families
+# not measured take the figure of their measured kind (UNet: SDXL, DiT: SD3) scaled by act_bytes_per_row.
 PROFILES: dict[str, FamilyProfile] = {
     # Measured on an H100 as CUDA graphs, b=2 at 1024^2: 42.7 ms @128 rows, 34.0 @96, 25.2 @64, 17.2 @32,
     # and 27.4 ms @128 rows with b=1  ->  alpha ~ 9 ms, beta ~ 0.13 ms/row/item (DESIGN section 3).
     # Attention inputs at 64^2 (10 layers x 640 ch) and 32^2 (60 layers x 1280 ch): ~1.6 MB per row.
-    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, "euler", "measured: H100 CUDA graph, 1024^2"),
+    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, 7.5, "euler",
+                          "measured: H100 CUDA graph, 1024^2; band exchange: 2x H200 NVLink"),
     # SD3-medium as CUDA graphs on an H100, b=2: 53.6 / 25.7 / 15.0 ms at 128 / 64 / 32 rows;
     # least-squares affine fit. 24 joint blocks x 1536 ch of image tokens (64 per latent row pair).
-    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, "flow-euler", "measured: H100 CUDA graph, 1024^2"),
+    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, 6.7, "flow-euler",
+                         "measured: H100 CUDA graph, 1024^2; band exchange: 2x H200 NVLink"),
     # Estimates scaled from the SDXL measurement by parameter count; refined by measured runs.
-    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, "ddim", "estimate from SDXL by parameter count"),
-    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, "dpmpp-2m", "estimate from SD3 by parameter count"),
-    "flux": FamilyProfile("flux", 2, 8, 5.0, 0.9, 3.0e6, "flow-euler", "estimate from SD3 by parameter count"),
+    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, 4.1, "ddim",
+                          "estimate from SDXL by parameter count; band exchange from SDXL's by bytes per row"),
+    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, 5.0, "dpmpp-2m",
+                            "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row"),
+    "flux": FamilyProfile("flux", 2, 8, 5.0, 0.9, 3.0e6, 8.4, "flow-euler",
+                          "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row"),
 }
 
 

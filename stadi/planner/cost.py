@@ -29,17 +29,22 @@ class CostModel:
     def width_scale(self) -> float:
         return self.latent_width / 128.0
 
-    def step_ms(self, rows: int, batch: int, speed: float) -> float:
-        """c_r(h) = (alpha + beta * b * h * W/128) / v_r; a rank with no rows costs nothing."""
+    def step_ms(self, rows: int, batch: int, speed: float, banded: bool = False) -> float:
+        """c_r(h) = (alpha + beta * b * h * W/128) / v_r, plus the band exchange's fixed cost when the rank
+        shares rows with other ranks (``banded``); a rank with no rows costs nothing."""
         if rows <= 0:
             return 0.0
-        p = self.profile
-        return (p.alpha_ms + p.beta_ms * batch * rows * self.width_scale) / speed
+        fixed, _ = self.affine(batch, banded)
+        return (fixed + self.profile.beta_ms * batch * rows * self.width_scale) / speed
 
-    def affine(self, batch: int) -> tuple[float, float]:
-        """(alpha, cost per granule of rows) of one step at speed 1: c(u granules) = (a + b * u) / v."""
+    def affine(self, batch: int, banded: bool = False) -> tuple[float, float]:
+        """(fixed cost, cost per granule of rows) of one step at speed 1: c(u granules) = (a + b * u) / v.
+
+        A banded step's fixed cost includes ``band_exchange_ms``: its per-layer collectives slow the step
+        even when overlapped, on every step the rank runs (a strided rank pays it on fewer steps)."""
         p = self.profile
-        return p.alpha_ms, p.beta_ms * batch * p.granularity * self.width_scale
+        fixed = p.alpha_ms + (p.band_exchange_ms if banded else 0.0)
+        return fixed, p.beta_ms * batch * p.granularity * self.width_scale
 
     def exchange_ms(self, rows_received: int, batch: int) -> float:
         """Time to receive the other bands' activations for one step."""

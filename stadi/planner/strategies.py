@@ -75,10 +75,16 @@ class Group:
     batch: int
     layers: tuple[int, int] | None = None  # hybrid: the one rank's stage in the pipeline window
 
+    @property
+    def banded(self) -> bool:
+        """Whether the ranks split the rows: then every step each runs pays the band exchange's fixed cost."""
+        return len(self.slots) > 1
+
     def assignments(self, cost: CostModel) -> list[Assignment]:
         rows = bands(self.units, cost.profile.granularity)
         return [
-            Assignment(s, r, k, self.branch, cost.step_ms(r[1] - r[0], self.batch, s.speed), self.layers)
+            Assignment(s, r, k, self.branch, cost.step_ms(r[1] - r[0], self.batch, s.speed, self.banded),
+                       self.layers)
             for s, r, k in zip(self.slots, rows, self.strides, strict=True)
         ]
 
@@ -105,11 +111,12 @@ class Candidate:
 def _times(pb: Problem, group: Group) -> tuple[float, float]:
     """A group's synchronous-step time and window time (ms).
 
-    Stale steps overlap the exchange with compute; a window costs its slowest rank's P / k_r steps or the
-    exchange, whichever is longer, plus one collective. Synchronous steps wait for every layer's exchange,
-    so there the communication is exposed in full.
+    Stale steps overlap the exchange with compute (each banded step still pays the band exchange's fixed
+    cost); a window costs its slowest rank's P / k_r steps or the exchange, whichever is longer, plus one
+    collective. Synchronous steps wait for every layer's exchange, so there the communication is exposed
+    in full.
     """
-    fixed, per_granule = pb.cost.affine(group.batch)
+    fixed, per_granule = pb.cost.affine(group.batch, group.banded)
     steps = [(fixed + per_granule * u) / s.speed for s, u in zip(group.slots, group.units, strict=True)]
     if len(steps) == 1:
         return steps[0], steps[0]
@@ -130,7 +137,7 @@ def _elastic(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
     """Elastic rows for given strides, or None when a GPU would be left without a band (the search tries
     the smaller set on its own, with strides relative to its own fastest GPU)."""
     period = sync_period(strides)
-    fixed, per_granule = pb.cost.affine(batch)
+    fixed, per_granule = pb.cost.affine(batch, banded=len(slots) > 1)
     multipliers = [period // k / s.speed for s, k in zip(slots, strides, strict=True)]
     units = elastic_units(multipliers, fixed, per_granule, pb.granules)
     if not all(units):
@@ -145,7 +152,7 @@ def _floored(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
     if len(slots) > pb.granules:
         return None
     period = sync_period(strides)
-    fixed, per_granule = pb.cost.affine(batch)
+    fixed, per_granule = pb.cost.affine(batch, banded=len(slots) > 1)
     multipliers = [period // k / s.speed for s, k in zip(slots, strides, strict=True)]
     # With one granule held, a rank's time after u more is m * ((fixed + per_granule) + per_granule * u).
     extra = elastic_units(multipliers, fixed + per_granule, per_granule, pb.granules - len(slots))

@@ -85,7 +85,10 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
 
 
 def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool) -> float:
-    """The family's affine cost (ms at speed 1.0, the catalogue's scale) of one step of ``rank``'s band."""
+    """The family's affine cost (ms at speed 1.0, the catalogue's scale) of one step of ``rank``'s band.
+
+    Without the planner's ``band_exchange_ms``: the times it is matched with are compute alone (the profiled
+    local step runs no collective; warmup steps less their waits)."""
     fam = profile(plan.family)
     r = plan.ranks[rank]
     batch = (2 if guidance else 1) if r.branch == "both" else 1
