@@ -27,7 +27,9 @@ fi
 A="--device cuda --steps ${STEPS:-50} --runs ${RUNS:-3} --warmup-runs 1 --out-dir $OUT --no-plot ${EXTRA:-}"
 for m in ${MODELS-sdxl sd3}; do  # LEVELS_sdxl / TMO_sdxl etc. override per model
   lv=$(eval echo \${LEVELS_$m:-${LEVELS:-100,50,25}}); tmo=$(eval echo \${TMO_$m:-${TMO:-250}})
-  timeout $tmo $S bench speed $A --levels $lv --models $m --name speed-$m${TAG:-} > $W/speed-$m.log 2>&1
+  # each level gets the whole budget but the orchestrator outlives it: a level cut short keeps what it measured
+  timeout $tmo $S bench speed $A --levels $lv --models $m --name speed-$m${TAG:-} --level-timeout $((tmo - 15)) \
+    > $W/speed-$m.log 2>&1
   echo "$m rc=$?"; tail -14 $W/speed-$m.log; cat $W/speed-$m.log >> $LOG
 done
 if [ "${PEER:-0}" = 1 ]; then  # xDiT: same GPUs, SD3 pipeline directory, job, levels and MPS setting of rank 1
