@@ -137,7 +137,22 @@ def test_pipelines_compiled_whole_frame_steps(sdxl_pipe, monkeypatch: pytest.Mon
     assert frames >= 1  # dynamo really traced the denoiser
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-5)
     monkeypatch.delenv("STADI_COMPILE")
-    assert Workspace().whole_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})()) is None
+    assert Workspace().whole_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})(), spec) is None
+
+
+def test_compile_is_the_jobs_unless_the_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stadi_worker.graphs import compile_backend
+
+    monkeypatch.delenv("STADI_COMPILE", raising=False)
+    assert (compile_backend(True), compile_backend(False)) == ("inductor", None)
+    monkeypatch.setenv("STADI_COMPILE", "0")  # a debugging switch: never compile
+    assert compile_backend(True) is None
+    monkeypatch.setenv("STADI_COMPILE", "aot_eager")
+    assert compile_backend(False) == "aot_eager"
+    spec = DiffusionJobSpec.model_validate(job_spec("sdxl", steps=2))
+    assert spec.model.compile is False
+    assert DiffusionJobSpec.model_validate({**job_spec("sdxl"), "model": {**job_spec("sdxl")["model"],
+                                                                           "compile": True}}).model.compile
 
 
 def test_pipelines_runnable_families_are_the_worker_classes() -> None:

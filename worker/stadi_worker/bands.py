@@ -160,10 +160,10 @@ class Workspace:
     _bands: dict[Hashable, Bands] = field(default_factory=dict)
     _compiled: dict[int, Any] = field(default_factory=dict)
 
-    def whole_denoiser(self, ops: FamilyOps) -> Any:
-        """The denoiser of whole-frame steps: compiled once per pipeline when ``STADI_COMPILE`` asks for it
-        (banded steps stay uncompiled: their exchanges are Python), else None (the pipeline's own)."""
-        backend = compile_backend()
+    def whole_denoiser(self, ops: FamilyOps, spec: DiffusionJobSpec) -> Any:
+        """The denoiser of whole-frame steps: compiled once per pipeline when the job (or ``STADI_COMPILE``)
+        asks for it (banded steps stay uncompiled: their exchanges are Python), else None (the pipeline's)."""
+        backend = compile_backend(spec.model.compile)
         if backend is None:
             return None
         key = id(ops.denoiser)
@@ -190,5 +190,5 @@ class Workspace:
         found = self._bands.get(key)
         if found is None:
             found = self._bands[key] = Bands(ops, spec, plan, ctx, self.graphs_for(ctx.device),
-                                             self.whole_denoiser(ops))
+                                             self.whole_denoiser(ops, spec))
         return found

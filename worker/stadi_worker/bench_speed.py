@@ -484,7 +484,8 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
         raise ValueError(f"stadi bench speed needs at least 2 ranks (got {world})")
     models = []
     for family in [f.strip() for f in args.models.split(",") if f.strip()]:
-        doc = {"model": {"family": family, "source": f"random://{args.size}", "dtype": args.dtype},
+        doc = {"model": {"family": family, "source": f"random://{args.size}", "dtype": args.dtype,
+                         "compile": bool(args.compile)},
                "prompts": [args.prompt], "height": args.height, "width": args.width or args.height,
                "steps": args.steps, "guidanceScale": args.guidance, "seed": args.seed,
                "parallelism": {"warmupSteps": args.warmup_steps, "maxStride": args.max_stride,
@@ -539,8 +540,7 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
                 if args.peer_only:
                     data = {"level": level, "models": {}}
                 else:
-                    env = dict(mps_env, **({"STADI_COMPILE": "1"} if args.compile else {}))
-                    data = launch_level(world, config, work, env, rank_env, args.level_timeout)
+                    data = launch_level(world, config, work, mps_env, rank_env, args.level_timeout)
                     if "error" in data:
                         print(f"{data['error']}; the strategies measured before are kept", file=sys.stderr)
                 result["levels"][level] = data
@@ -646,7 +646,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--strategies", default="all",
                         help=f"comma-separated subset of {','.join(STRATEGIES_MEASURED)} (single always runs)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile whole-frame steps (single, cfg) inside their graphs (STADI_COMPILE=1)")
+                        help="torch.compile whole-frame steps (single, cfg) inside their graphs (spec.model.compile)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per strategy (median)")
     parser.add_argument("--warmup-runs", type=int, default=1, help="untimed runs per strategy first")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -62,7 +62,7 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
     ops = FamilyOps(pipe, spec.model.family)
     workspace = workspace or Workspace()
     graphs = workspace.graphs_for(ops.device)
-    whole = workspace.whole_denoiser(ops)
+    whole = workspace.whole_denoiser(ops, spec)
     guidance = spec.uses_cfg
     order = ["uncond", "cond"] if guidance else ["cond"]
     cond = batch_branches(ops.encode(spec, prompt, guidance), order)
