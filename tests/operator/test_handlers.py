@@ -141,7 +141,8 @@ def cluster(kmock: kmocklib.KubernetesEmulator) -> Cluster:
 
 
 async def test_create_plans_and_creates_the_children_once(cluster: Cluster) -> None:
-    cluster.add_job()
+    # every GPU of both nodes (the planner alone would take 2 of the 3 H100s: cfg pays no band exchange)
+    cluster.add_job(parallelism={"gpus": {"min": 3}})
     await cluster.call(handlers.admit)
     assert cluster.status()["phase"] == "Planning"
     await cluster.call(handlers.plan)
