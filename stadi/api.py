@@ -359,7 +359,7 @@ class JobMetadata(Metadata):
 
 
 class RankPlan(BaseModel):
-    """One rank of a plan: its GPU, speed, band of latent rows [start, end) and stride."""
+    """One rank of a plan: its GPU, speed, band of latent rows [start, end) and stride; or an idle rank."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -376,10 +376,21 @@ class RankPlan(BaseModel):
         "the pipeline window (start 0: stage 0)."
     )
     predicted_step_ms: float = 0.0
+    idle: bool = Field(
+        False, description="A process of the gang that computes nothing: the re-plan after warmup left its GPU "
+        "out. Its rows are [0, 0); it only joins the gather that ends each image."
+    )
 
     @property
     def height(self) -> int:
         return self.rows[1] - self.rows[0]
+
+    @property
+    def device(self) -> str:
+        """Where the rank runs, named as ``Plan.left_out`` names GPUs: ``node/gpu#index``."""
+        where = f"{self.node}/" if self.node else ""
+        index = f"#{self.gpu_index}" if self.gpu_index is not None else ""
+        return f"{where}{self.gpu}{index}"
 
 
 class HybridPlan(BaseModel):
@@ -417,16 +428,32 @@ class Plan(BaseModel):
 
     @property
     def world_size(self) -> int:
+        """Processes of the gang, idle ones included."""
         return len(self.ranks)
 
+    @property
+    def active(self) -> list[RankPlan]:
+        """The ranks that compute: all but the idle ones."""
+        return [r for r in self.ranks if not r.idle]
+
     def validate_for(self, world_size: int | None = None) -> None:
-        """Raise ValueError naming the problem when the plan cannot run (bad tiling, granularity, size)."""
+        """Raise ValueError naming the problem when the plan cannot run (bad tiling, granularity, size).
+
+        ``world_size`` counts processes, idle ranks included; the checks of bands and strides apply to the
+        active ranks."""
         if world_size is not None and world_size != len(self.ranks):
             raise ValueError(f"plan has {len(self.ranks)} ranks but the world size is {world_size}")
         if [r.rank for r in self.ranks] != list(range(len(self.ranks))):
             raise ValueError("plan ranks must be numbered 0..n-1 in order")
-        for branch in {r.branch for r in self.ranks}:
-            bands = sorted(r.rows for r in self.ranks if r.branch == branch)
+        for r in self.ranks:
+            if r.idle and (r.rows != (0, 0) or r.layers is not None):
+                raise ValueError(f"idle rank {r.rank} must have rows [0, 0) and no layers; it has rows "
+                                 f"{list(r.rows)} and layers {r.layers}")
+        active = self.active
+        if not active:
+            raise ValueError("every rank of the plan is idle; at least one must compute")
+        for branch in {r.branch for r in active}:
+            bands = sorted(r.rows for r in active if r.branch == branch)
             cursor = 0
             for start, end in bands:
                 if start != cursor or end <= start:
@@ -440,20 +467,22 @@ class Plan(BaseModel):
                     f"bands of branch {branch!r} end at row {cursor}, not at the latent height "
                     f"{self.latent_height}"
                 )
-        for r in self.ranks:
+        for r in active:
             if r.rows[0] % self.granularity or r.rows[1] % self.granularity:
                 raise ValueError(
                     f"rank {r.rank} band {list(r.rows)} is not a multiple of the granularity "
                     f"{self.granularity} latent rows"
                 )
-        if any(self.sync_period % r.stride for r in self.ranks):
-            raise ValueError(f"sync_period {self.sync_period} is not a multiple of every stride")
+        if any(self.sync_period % r.stride for r in active):
+            raise ValueError(f"sync_period {self.sync_period} is not a multiple of every active rank's stride")
         if self.strategy == "hybrid":
             self._validate_hybrid()
 
     def _validate_hybrid(self) -> None:
-        if self.hybrid is None or len(self.ranks) != 2 or {r.branch for r in self.ranks} != {"cond", "uncond"}:
-            raise ValueError("a hybrid plan needs its hybrid schedule and 2 ranks, one per branch cond and uncond")
+        if (self.hybrid is None or len(self.ranks) != 2 or len(self.active) != 2
+                or {r.branch for r in self.ranks} != {"cond", "uncond"}):
+            raise ValueError("a hybrid plan needs its hybrid schedule and 2 ranks, none idle, one per branch cond "
+                             "and uncond")
         cuts = sorted(r.layers or (0, 0) for r in self.ranks)
         units = self.hybrid.units
         if cuts[0][0] != 0 or cuts[0][1] != cuts[1][0] or cuts[1][1] != units or not 0 < cuts[0][1] < units:

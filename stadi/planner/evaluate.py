@@ -16,7 +16,7 @@ from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_sec
 def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride: int, min_effective: int,
                     link_gbytes_per_s: float) -> float:
     """Seconds the planner's cost model predicts for ``plan`` with rank ``r`` at ``speeds[r]`` (the same
-    formulas the strategies use to rank candidates)."""
+    formulas the strategies use to rank candidates; idle ranks cost nothing)."""
     if len(speeds) != len(plan.ranks) or any(v <= 0 for v in speeds):
         raise ValueError(f"need one positive speed per rank, got {list(speeds)}")
     fam = profile(plan.family)
@@ -25,8 +25,9 @@ def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride
         return _hybrid_seconds(plan, cost, speeds)
     pb = Problem(cost, plan.steps, warmup, plan.guidance, max_stride, min_effective, fixed_link=True)
     groups = []
-    for branch in sorted({r.branch for r in plan.ranks}):
-        ranks = sorted((r for r in plan.ranks if r.branch == branch), key=lambda r: r.rows[0])
+    active = plan.active
+    for branch in sorted({r.branch for r in active}):
+        ranks = sorted((r for r in active if r.branch == branch), key=lambda r: r.rows[0])
         groups.append(Group(
             tuple(Slot(r.gpu, speeds[r.rank], r.node, r.rank) for r in ranks),
             tuple(r.height // fam.granularity for r in ranks),

@@ -7,7 +7,7 @@ a plan replay graphs instead of capturing them again.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,27 +28,32 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
-def _groups(plan: Plan, rank: int) -> tuple[list[int], Any]:
-    """The ranks that split the height with us, and their process group (None: the world).
+def _groups(plan: Plan, rank: int) -> tuple[list[int], Any, Any]:
+    """(the ranks that split the height with us, their process group, the group of every active rank); a
+    group of None is the world. An idle rank gets the ranks whose bands make up the final latent.
 
-    With a condition split every rank must create both subgroups, in the same order (new_group is
-    collective over the world)."""
-    if plan.ranks[rank].branch == "both":
-        return [r.rank for r in plan.ranks], None
-    members = {b: [r.rank for r in plan.ranks if r.branch == b] for b in ("cond", "uncond")}
+    new_group is collective over the world: every rank, idle ones too, creates the same subgroups in the
+    same order."""
+    active = plan.active
+    every = dist.new_group([r.rank for r in active]) if len(active) < plan.world_size else None
+    if all(r.branch == "both" for r in active):
+        return [r.rank for r in active], every, every
+    members = {b: [r.rank for r in active if r.branch == b] for b in ("cond", "uncond")}
     groups = {b: dist.new_group(members[b]) for b in ("cond", "uncond")}
-    mine = plan.ranks[rank].branch
-    return members[mine], groups[mine]
+    mine = "cond" if plan.ranks[rank].idle else plan.ranks[rank].branch
+    return members[mine], groups[mine], every
 
 
-def assemble(parts: list[torch.Tensor], plan: Plan, ranks: list[int]) -> torch.Tensor:
-    """Full-height tensor from the bands of ``ranks`` (world-ordered ``parts``), top to bottom."""
+def assemble(parts: Mapping[int, torch.Tensor], plan: Plan, ranks: list[int]) -> torch.Tensor:
+    """Full-height tensor from the bands of ``ranks`` (``parts`` by world rank), top to bottom."""
     ranks = sorted(ranks, key=lambda r: plan.ranks[r].rows[0])
     return torch.cat([parts[r] for r in ranks], dim=-2)
 
 
 class Bands:
-    """This rank's share under one plan: its band, its group, the comm manager and the band wrappers."""
+    """This rank's share under one plan: its band, its group, the comm manager and the band wrappers.
+
+    An idle rank's share is the empty band: it runs no step, only the final ``gather_full``."""
 
     def __init__(self, ops: FamilyOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, graphs: StepGraphs,
                  whole: Any = None):
@@ -56,10 +61,14 @@ class Bands:
         self.whole = whole  # the denoiser for whole-frame steps (compiled, when asked), or None: the pipeline's
         self.guidance = spec.uses_cfg
         me = plan.ranks[ctx.rank]
-        self.split = me.branch != "both"
-        self.members, group = _groups(plan, ctx.rank)
-        layout = BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
-                            index=self.members.index(ctx.rank), height=plan.latent_height)
+        self.idle = me.idle
+        self.split = not me.idle and me.branch != "both"
+        self.members, group, self.active_group = _groups(plan, ctx.rank)
+        self.active = [r.rank for r in plan.active]
+        self.active_rows = [r.height for r in plan.active]
+        layout = (BandLayout(bands=(me.rows,), index=0, height=plan.latent_height) if me.idle else
+                  BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
+                             index=self.members.index(ctx.rank), height=plan.latent_height))
         self.comm = CommManager(layout=layout, group=group, backend=ctx.backend)
         self.order = [me.branch] if self.split else (["uncond", "cond"] if self.guidance else ["cond"])
         self.start, self.end = me.rows
@@ -111,11 +120,12 @@ class Bands:
         # condition split: every rank needs the other branch's prediction for its rows; predictions are
         # small (latent channels only), so all ranks gather both full frames and cut out their band
         assert self.timer is not None
-        with self.timer.waiting():
-            _, recv, trim = all_gather_uneven(out, self.world_rows, dim=-2, backend=self.ctx.backend)
-            parts = trim(recv)
         plan = self.plan
-        branch = {b: assemble(parts, plan, [r.rank for r in plan.ranks if r.branch == b])
+        with self.timer.waiting():
+            _, recv, trim = all_gather_uneven(out, self.active_rows, dim=-2, group=self.active_group,
+                                              backend=self.ctx.backend)
+            parts = dict(zip(self.active, trim(recv), strict=True))
+        branch = {b: assemble(parts, plan, [r.rank for r in plan.active if r.branch == b])
                   for b in ("uncond", "cond")}
         return guide(branch["uncond"], branch["cond"], self.spec.guidance_scale)[..., self.start:self.end, :]
 
@@ -140,9 +150,10 @@ class Bands:
         return statistics.median(times)
 
     def gather_full(self, band: torch.Tensor) -> torch.Tensor:
-        """The full-height tensor from every rank's band (collective over the world)."""
+        """The full-height tensor from every rank's band (collective over the world: idle ranks send their
+        empty band, and get the full tensor like the others)."""
         _, recv, trim = all_gather_uneven(band.contiguous(), self.world_rows, dim=-2, backend=self.ctx.backend)
-        return assemble(trim(recv), self.plan, self.members)
+        return assemble(dict(enumerate(trim(recv))), self.plan, self.members)
 
 
 def _plan_key(plan: Plan) -> Hashable:

@@ -91,7 +91,8 @@ def _plan_for(spec: Any, name: str, world: int, speeds: list[float] | None, gpu:
 
 def _describe(p: Any) -> dict[str, Any]:
     return {"strategy": p.strategy, "rows": [list(r.rows) for r in p.ranks], "strides": [r.stride for r in p.ranks],
-            "branches": [r.branch for r in p.ranks], "sync_period": p.sync_period}
+            "branches": [r.branch for r in p.ranks], "sync_period": p.sync_period,
+            **({"idle": [r.rank for r in p.ranks if r.idle]} if len(p.active) < p.world_size else {})}
 
 
 def _one_run(ctx: Any, fn: Any) -> tuple[Any, float]:

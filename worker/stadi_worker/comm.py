@@ -79,12 +79,13 @@ def all_gather_uneven(tensor: torch.Tensor, sizes: list[int], dim: int, group: A
     """Start an all_gather of tensors whose extent along ``dim`` differs per rank (``sizes``).
 
     NCCL takes a list of unequal tensors; Gloo needs equal ones, so we pad to the largest and trim after.
+    An empty extent (an idle rank's band) is padded on NCCL too: one equal all_gather, no empty transfer.
     Returns (work or None, receive buffers, a function turning the buffers into the trimmed list).
     """
     dim = dim % tensor.dim()
     tensor = tensor.contiguous()
     equal = len(set(sizes)) == 1
-    if equal or backend == "nccl":
+    if equal or (backend == "nccl" and min(sizes) > 0):
         recv = []
         for n in sizes:
             shape = list(tensor.shape)

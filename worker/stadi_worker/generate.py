@@ -1,8 +1,9 @@
 """The public entry of the data plane: generate one image under a plan on the ranks of a process group.
 
 Timeline of one image (DESIGN section 4): W synchronous warmup steps, timed per rank; the re-plan (rank 0
-turns the measured compute times into speeds, asks the planner for exactly these ranks and broadcasts the
-answer; bands are re-cut once when the predicted gain passes ``replanThreshold``); then windows of
+turns the measured compute times into speeds, asks the planner for these ranks or a subset of them and
+broadcasts the answer; bands are re-cut once when the predicted gain passes ``replanThreshold``; a rank left
+out idles for the rest of the image and only joins the final gather); then windows of
 P = lcm(strides) base steps in which rank r takes P/k_r steps on its own sub-grid, with one asynchronous
 exchange at each window start. When (T - W) is not a multiple of P, the first (T - W) mod P steps after
 warmup form a short window in which every rank takes every step (stale, like patch parallelism), so the
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from stadi.api import DiffusionJobSpec, Plan
+from stadi.api import DiffusionJobSpec, Plan, RankPlan
 from stadi.families import profile
 from stadi_worker.bands import Bands, Workspace, guide
 from stadi_worker.emulate import Pacer, green_context, slowdown_factor
@@ -118,14 +119,28 @@ def in_process_order(fresh: Plan, gpu_indices: list[int | None]) -> Plan:
     return fresh.model_copy(update={"ranks": ranks})
 
 
+def onto_gang(fresh: Plan, gang: Plan, speeds: list[float]) -> Plan:
+    """``fresh``, planned on a pool that offered process r as device index r, laid onto the processes of
+    ``gang`` in order: each keeps its device; a process the planner left out stays, idle (rows [0, 0)), and
+    is named in ``left_out`` after the GPUs the gang's own plan left out."""
+    by_proc = {r.gpu_index: r for r in fresh.ranks}
+    ranks = [by_proc[g.rank].model_copy(update={"rank": g.rank, "gpu_index": g.gpu_index}) if g.rank in by_proc
+             else RankPlan(rank=g.rank, gpu=g.gpu, node=g.node, gpu_index=g.gpu_index, speed=speeds[g.rank],
+                           rows=(0, 0), idle=True)
+             for g in gang.ranks]
+    left_out = gang.left_out + [r.device for r in ranks if r.idle]
+    return fresh.model_copy(update={"ranks": ranks, "left_out": left_out})
+
+
 def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold: float | None = None,
            **request_changes: Any) -> tuple[Plan | None, float]:
-    """Ask the planner for exactly these ranks at ``speeds``, under the job's strategy (``request_changes``
-    override fields of the planner's request, e.g. the strategy).
+    """Ask the planner for these ranks at ``speeds``, or for a subset of at least the job's
+    ``parallelism.gpus.min`` of them where the strategy allows fewer (``request_changes`` override fields of
+    the planner's request, e.g. the strategy).
 
-    Returns (the new plan with ranks in process order, or None when it is the same or its predicted gain
-    does not pass ``threshold``, by default ``replanThreshold``; the gain). Pure and deterministic: run on
-    rank 0 and broadcast.
+    Returns (the new plan with every rank in process order, those left out idle, or None when it is the same
+    or its predicted gain does not pass ``threshold``, by default ``replanThreshold``; the gain). Pure and
+    deterministic: run on rank 0 and broadcast.
     """
     from dataclasses import replace
 
@@ -135,17 +150,17 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold
 
     link = _link(plan)
     world = plan.world_size
-    request = replace(PlanRequest.from_spec(spec, link), gpus_min=world, gpus_max=world,
-                      warmup_steps=plan.warmup_steps, **request_changes)
+    request = replace(PlanRequest.from_spec(spec, link), gpus_min=min(spec.parallelism.gpus.min, world),
+                      gpus_max=world, warmup_steps=plan.warmup_steps, **request_changes)
     pool = [Device(r.gpu, node=r.node, index=r.rank, speed=speeds[r.rank]) for r in plan.ranks]
     try:
         fresh = run_planner(request, pool)
     except ValueError as error:
         log.warning("re-plan failed; keeping the plan", extra={"error": str(error)})
         return None, 0.0
-    if fresh.world_size != world:
-        return None, 0.0
-    fresh = in_process_order(fresh, [r.gpu_index for r in plan.ranks])
+    if fresh.strategy == "hybrid" and fresh.world_size != world:
+        return None, 0.0  # its two stages are not built to run beside an idle rank (hybrid.py)
+    fresh = onto_gang(fresh, plan, speeds)
     fresh.validate_for(world)
     args = (plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
     old_s = predict_seconds(plan, speeds, *args)
@@ -153,7 +168,7 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold
     gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
 
     def shares(p: Plan) -> list[tuple[Any, ...]]:
-        return [(r.rows, r.stride, r.branch, r.layers) for r in p.ranks]
+        return [(r.rows, r.stride, r.branch, r.layers, r.idle) for r in p.ranks]
 
     limit = spec.parallelism.replan_threshold if threshold is None else threshold
     if shares(fresh) == shares(plan) or gain <= limit:
@@ -162,7 +177,7 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold
 
 
 def _period(plan: Plan, exact: bool) -> int:
-    return 1 if exact else math.lcm(*(r.stride for r in plan.ranks))
+    return 1 if exact else math.lcm(*(r.stride for r in plan.active))
 
 
 def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
@@ -176,10 +191,13 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
     ``exact``, which also ignores strides) exchange fresh activations at every layer; later steps run on
     each rank's strided sub-grid with the other bands' activations from the last exchange. With
     ``replan_after_warmup`` the warmup is profiled and the plan may change (``on_replan`` gets the measured
-    speeds and the new plan on rank 0). ``slowdown`` (default: env STADI_SLOWDOWN) emulates a slower
-    device, for tests and benchmarks. The final latent is gathered and (unless ``decode`` is False, as in
-    the speed benchmark) decoded on rank 0. Pass one ``workspace`` to every call on the same pipeline so
-    the band wrappers and CUDA graphs of a plan are built once.
+    speeds and the new plan on rank 0), also to one that leaves ranks idle. An idle rank runs no step (from
+    the start under a plan that marks it idle, as a job's later images); ``on_step`` hears of it when the
+    image is done. ``slowdown`` (default: env STADI_SLOWDOWN) emulates a slower device, for tests and
+    benchmarks. The final latent is gathered from the active ranks' bands on every rank, idle ones
+    included, and (unless ``decode`` is False, as in the speed benchmark) decoded on rank 0, idle or not.
+    Pass one ``workspace`` to every call on the same pipeline so the band wrappers and CUDA graphs of a
+    plan are built once.
     """
     check_plan(plan, spec, ctx)
     workspace = workspace or Workspace()
@@ -234,9 +252,11 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
 
     try:
         with torch.no_grad():
-            for index in range(warmup):
+            for index in range(0 if bands.idle else warmup):
                 run(index, "exchange")
-            if replan_after_warmup and 0 < warmup < steps and plan.strategy != "single":
+            # a plan with idle ranks is not re-planned: they have no warmup times to measure
+            if (replan_after_warmup and 0 < warmup < steps and plan.strategy != "single"
+                    and len(plan.active) == plan.world_size):
                 profiled = bands.profile_ms(sampler.scale(latents, warmup), sampler.timesteps[warmup])
                 new, result = _replan_step(spec, bands, timer, warmup, result, ctx, profiled)
                 if new is not None:
@@ -252,18 +272,22 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
                     latents = full_latents[..., new_start:new_end, :].contiguous()
                 if on_replan is not None and ctx.rank == 0:
                     on_replan(result)
-            cur = bands.plan
-            period = _period(cur, exact)
-            stride = 1 if exact else cur.ranks[ctx.rank].stride
-            sampler.set_grid(subgrid(steps, warmup, stride, period))
-            for index in sampler.grid[warmup:]:
-                run(index, "exchange" if is_boundary(index, steps, warmup, period) else "local")
+            if not bands.idle:
+                cur = bands.plan
+                period = _period(cur, exact)
+                stride = 1 if exact else cur.ranks[ctx.rank].stride
+                sampler.set_grid(subgrid(steps, warmup, stride, period))
+                for index in sampler.grid[warmup:]:
+                    run(index, "exchange" if is_boundary(index, steps, warmup, period) else "local")
     finally:
         bands.leave()
     result.step_ms = timer.ms()
     result.wait_ms = [max(w - c, 0.0) for w, c in zip(result.step_ms, timer.compute_ms(), strict=True)]
-    # final latent: gathered by band height; rank 0 assembles its own group's bands
+    # final latent: gathered by band height over the world (an idle rank 0 still writes the image); rank 0
+    # assembles its own group's bands
     final = bands.gather_full(latents)
+    if bands.idle and on_step is not None:
+        on_step(steps, steps)  # the gather waited for the active ranks: the image is done
     if ctx.rank != 0:
         return result
     result.latents = final

@@ -46,7 +46,8 @@ class ProgressEvent:
     ``images_done`` counts skipped images too (they are done); ``images_skipped`` says how many of them were
     already in the output when the job started. ``uri`` is set on "image" events. A "replan" event (once,
     after the first image's warmup) carries the measured ``speeds`` per rank and the plan the job goes on
-    with: its ``strategy``, ``strides`` and ``rows`` per rank, and whether it changed (``replanned``).
+    with: its ``strategy``, ``strides`` and ``rows`` per rank (``[0, 0]``: an idle rank), and whether it changed
+    (``replanned``).
     """
 
     kind: EventKind
@@ -245,7 +246,8 @@ def run_job(
 
         def on_replan(res: Any, _done: int = done) -> None:
             p = res.plan
-            emit(ProgressEvent("replan", min(p.warmup_steps, spec.steps), spec.steps,
+            # the steps done are the warmup of the plan the image began with (a re-planned single has none)
+            emit(ProgressEvent("replan", min(plan.warmup_steps, spec.steps), spec.steps,
                                _done, total, skipped, speeds=res.measured_speeds, strategy=p.strategy,
                                strides=[r.stride for r in p.ranks], rows=[list(r.rows) for r in p.ranks],
                                replanned=res.replanned))

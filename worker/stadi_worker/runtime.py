@@ -143,15 +143,16 @@ def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
         raise ValueError(f"plan has {plan.steps} steps but the job asks for {spec.steps}")
     if plan.warmup_steps > spec.steps:
         raise ValueError(f"plan warmup {plan.warmup_steps} exceeds the {spec.steps} steps")
-    branches = {r.branch for r in plan.ranks}
-    if any(r.stride != 1 for r in plan.ranks) and branches != {"both"}:
+    active = plan.active
+    branches = {r.branch for r in active}
+    if any(r.stride != 1 for r in active) and branches != {"both"}:
         # a condition split swaps predictions at every step: every rank must take every step
-        raise ValueError(f"strides > 1 need a plan without condition split; strides: {[r.stride for r in plan.ranks]}")
+        raise ValueError(f"strides > 1 need a plan without condition split; strides: {[r.stride for r in active]}")
     if branches != {"both"}:
         if "both" in branches or branches != {"cond", "uncond"}:
             raise ValueError(f"a condition-split plan needs ranks of both branches cond and uncond and no "
                              f"'both': got {sorted(branches)}")
         if not spec.uses_cfg:
             raise ValueError("a condition-split plan needs guidanceScale > 1")
-    if plan.strategy == "single" and ctx.world_size != 1:
-        raise ValueError("strategy single runs on one rank")
+    if plan.strategy == "single" and len(active) != 1:
+        raise ValueError(f"strategy single runs on one rank; this plan has {len(active)} active ranks")
