@@ -2,7 +2,8 @@
 
 Cost constants are for one denoiser step on an H100 SXM (relative speed 1.0) replayed as a CUDA graph,
 fp16: ``c(h) = alpha_ms + beta_ms * batch * h * (latent_width / 128)``, plus ``band_exchange_ms`` on a step in
-which the rank exchanges band activations with other ranks. Measured runs refine them.
+which the rank exchanges band activations with other ranks; ``window_wait_drag`` slows a strided window's
+exchange step while it waits for the other ranks. Measured runs refine them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class FamilyProfile:
     # fixed cost of a step in which the rank exchanges band activations with other ranks (its group splits
     # rows), even overlapped: the per-layer collectives' NCCL kernels share the SMs with compute
     band_exchange_ms: float
+    # share of a rank's compute lost while its window-start exchange waits for ranks still running the local
+    # steps of their strides: the pending collective's NCCL kernel occupies SMs of that GPU meanwhile
+    window_wait_drag: float
     default_scheduler: str
     source: str  # where the constants come from
 
@@ -52,23 +56,38 @@ class FamilyProfile:
 # this H100 scale measured from the same run's full-frame steps (1.005 and 1.013; the catalogue has H200 =
 # H100 = 1.0): 7.5 and 6.7 ms at speed 1.0 (SDXL ~190 per-layer collectives, SD3 24 larger ones). Families
 # not measured take the figure of their measured kind (UNet: SDXL, DiT: SD3) scaled by act_bytes_per_row.
+#
+# window_wait_drag, measured on the same 2x H200 with the second GPU at 50% and 25% of its SMs (CUDA MPS),
+# stadi with strides (1, 2) and (1, 3) (bench/results/speed-2xh200-all.json, levels "50" and "25", step_ms of
+# the three runs, median run shown): the slow rank's strided step takes longer than its own first window
+# start of the same run (same rows, stale, but every rank starts it together, so nothing waits), by a share of
+# the time the fast rank spends on its k - 1 local steps meanwhile:
+#   SDXL  50%: (65.4 - 58.7) / 30.9 = 0.22      25%: (113.4 - 91.9) / (2 * 36.8) = 0.29   -> 0.25
+#   SD3   50%: (77.5 - 62.0) / 31.0 = 0.50      25%: (156.8 - 102.3) / (2 * 36.0) = 0.76  -> 0.63
+# The fast rank's local steps match c(h) with band_exchange_ms (30.9 ms, predicted 30.7 at SDXL 50%): the loss
+# is the waiting rank's. SD3's first exchange of a step is a layer's whole K/V (a large message NCCL spreads
+# over many channels, each a block on an SM), SDXL's a conv halo or GroupNorm statistics (small ones).
+# Families not measured take their kind's figure (UNet: SDXL, DiT: SD3).
 PROFILES: dict[str, FamilyProfile] = {
     # Measured on an H100 as CUDA graphs, b=2 at 1024^2: 42.7 ms @128 rows, 34.0 @96, 25.2 @64, 17.2 @32,
     # and 27.4 ms @128 rows with b=1  ->  alpha ~ 9 ms, beta ~ 0.13 ms/row/item (DESIGN section 3).
     # Attention inputs at 64^2 (10 layers x 640 ch) and 32^2 (60 layers x 1280 ch): ~1.6 MB per row.
-    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, 7.5, "euler",
-                          "measured: H100 CUDA graph, 1024^2; band exchange: 2x H200 NVLink"),
+    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, 7.5, 0.25, "euler",
+                          "measured: H100 CUDA graph, 1024^2; band exchange, window wait: 2x H200 NVLink"),
     # SD3-medium as CUDA graphs on an H100, b=2: 53.6 / 25.7 / 15.0 ms at 128 / 64 / 32 rows;
     # least-squares affine fit. 24 joint blocks x 1536 ch of image tokens (64 per latent row pair).
-    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, 6.7, "flow-euler",
-                         "measured: H100 CUDA graph, 1024^2; band exchange: 2x H200 NVLink"),
+    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, 6.7, 0.63, "flow-euler",
+                         "measured: H100 CUDA graph, 1024^2; band exchange, window wait: 2x H200 NVLink"),
     # Estimates scaled from the SDXL measurement by parameter count; refined by measured runs.
-    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, 4.1, "ddim",
-                          "estimate from SDXL by parameter count; band exchange from SDXL's by bytes per row"),
-    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, 5.0, "dpmpp-2m",
-                            "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row"),
-    "flux": FamilyProfile("flux", 2, 8, 5.0, 0.9, 3.0e6, 8.4, "flow-euler",
-                          "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row"),
+    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, 4.1, 0.25, "ddim",
+                          "estimate from SDXL by parameter count; band exchange from SDXL's by bytes per row, "
+                          "window wait SDXL's"),
+    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, 5.0, 0.63, "dpmpp-2m",
+                            "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row, "
+                            "window wait SD3's"),
+    "flux": FamilyProfile("flux", 2, 8, 5.0, 0.9, 3.0e6, 8.4, 0.63, "flow-euler",
+                          "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row, "
+                          "window wait SD3's"),
 }
 
 

@@ -108,13 +108,31 @@ class Candidate:
         return [a for g in self.groups for a in g.assignments(cost)]
 
 
+def _window_busy(steps: Sequence[float], strides: Sequence[int], drag: float) -> list[float]:
+    """Each rank's busy time in one window of P = lcm(strides) base steps: rank r runs n_r = P / k_r steps
+    of c_r = ``steps[r]`` ms, and only the first (the window start) exchanges.
+
+    After it, rank r runs l_r = (n_r - 1) * c_r ms of local steps, so the rank of the longest run, L = max l,
+    reaches the next window start last. Every other rank's exchange there waits L - l_r for it with its
+    collective pending, which holds SMs of its GPU: the rank's step runs at (1 - drag) of its pace meanwhile
+    (``FamilyProfile.window_wait_drag``), so busy_r = n_r * c_r + drag * (L - l_r). With stride 1 everywhere
+    nothing waits. (A rank whose step would end within its wait is not the busiest either way.)
+    """
+    period = sync_period(strides)
+    if period == 1:
+        return list(steps)
+    local = [(period // k - 1) * t for k, t in zip(strides, steps, strict=True)]
+    last = max(local)
+    return [lo + t + drag * (last - lo) for t, lo in zip(steps, local, strict=True)]
+
+
 def _times(pb: Problem, group: Group) -> tuple[float, float]:
     """A group's synchronous-step time and window time (ms).
 
     Stale steps overlap the exchange with compute (each banded step still pays the band exchange's fixed
-    cost); a window costs its slowest rank's P / k_r steps or the exchange, whichever is longer, plus one
-    collective. Synchronous steps wait for every layer's exchange, so there the communication is exposed
-    in full.
+    cost); a window costs its busiest rank's P / k_r steps (the exchange step slowed while it waits for
+    ranks on local steps, ``_window_busy``) or the exchange, whichever is longer, plus one collective.
+    Synchronous steps wait for every layer's exchange, so there the communication is exposed in full.
     """
     fixed, per_granule = pb.cost.affine(group.batch, group.banded)
     steps = [(fixed + per_granule * u) / s.speed for s, u in zip(group.slots, group.units, strict=True)]
@@ -122,8 +140,7 @@ def _times(pb: Problem, group: Group) -> tuple[float, float]:
         return steps[0], steps[0]
     received = (pb.granules - min(group.units)) * pb.cost.profile.granularity
     comm = pb.cost.exchange_ms(received, group.batch)
-    period = sync_period(group.strides)
-    busiest = max(period // k * t for k, t in zip(group.strides, steps, strict=True))
+    busiest = max(_window_busy(steps, group.strides, pb.cost.profile.window_wait_drag))
     return max(steps) + comm + COLLECTIVE_MS, max(busiest, comm) + COLLECTIVE_MS
 
 
@@ -133,12 +150,23 @@ def _windowed_seconds(pb: Problem, sync_step: float, window: float, period: int)
     return (warm * sync_step + (pb.steps - warm) / period * window) / 1e3
 
 
+def _multipliers(pb: Problem, slots: Sequence[Slot], strides: Sequence[int]) -> list[float]:
+    """Each rank's weight m_r in the elastic split, which equalises m_r * (fixed + per_granule * u_r).
+
+    By ``_window_busy`` a rank's window time is (n_r - drag * (n_r - 1)) * c_r + drag * L with n_r = P / k_r,
+    the last term the same for every rank: equal window times need equal (n_r - drag * (n_r - 1)) * c_r
+    (n_r without a drag), c_r being the step time at speed 1 over the rank's speed.
+    """
+    period = sync_period(strides)
+    drag = pb.cost.profile.window_wait_drag
+    return [(period // k - drag * (period // k - 1)) / s.speed for s, k in zip(slots, strides, strict=True)]
+
+
 def _elastic(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: int, branch: str) -> Group | None:
     """Elastic rows for given strides, or None when a GPU would be left without a band (the search tries
     the smaller set on its own, with strides relative to its own fastest GPU)."""
-    period = sync_period(strides)
     fixed, per_granule = pb.cost.affine(batch, banded=len(slots) > 1)
-    multipliers = [period // k / s.speed for s, k in zip(slots, strides, strict=True)]
+    multipliers = _multipliers(pb, slots, strides)
     units = elastic_units(multipliers, fixed, per_granule, pb.granules)
     if not all(units):
         return None
@@ -151,9 +179,8 @@ def _floored(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
     whose window time grows least (water-filling on the affine cost, which minimises the slowest rank)."""
     if len(slots) > pb.granules:
         return None
-    period = sync_period(strides)
     fixed, per_granule = pb.cost.affine(batch, banded=len(slots) > 1)
-    multipliers = [period // k / s.speed for s, k in zip(slots, strides, strict=True)]
+    multipliers = _multipliers(pb, slots, strides)
     # With one granule held, a rank's time after u more is m * ((fixed + per_granule) + per_granule * u).
     extra = elastic_units(multipliers, fixed + per_granule, per_granule, pb.granules - len(slots))
     return Group(tuple(slots), tuple(1 + u for u in extra), tuple(strides), branch, batch)
