@@ -50,6 +50,7 @@ class PlanRequest:
     gpus_max: int = 8
     link_gbytes_per_s: float | None = None
     hybrid: HybridSchedule | None = None  # strategy hybrid's schedule; None: the family's defaults
+    compiled: bool = False  # whole-frame steps compiled (spec.model.compile): they cost less
 
     @classmethod
     def from_spec(cls, spec: DiffusionJobSpec, link_gbytes_per_s: float | None = None) -> PlanRequest:
@@ -68,6 +69,7 @@ class PlanRequest:
             gpus_max=p.gpus.max,
             link_gbytes_per_s=link_gbytes_per_s,
             hybrid=spec.hybrid_schedule,
+            compiled=spec.model.compile,
         )
 
 
@@ -114,7 +116,8 @@ def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
     link = request.link_gbytes_per_s
     if link is not None and not (math.isfinite(link) and link > 0):
         raise ValueError(f"link bandwidth {link} GB/s must be a finite number > 0")
-    cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link or 0.0)
+    cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link or 0.0,
+                     request.compiled)
     pb = Problem(cost, request.steps, request.warmup_steps, request.guidance, request.max_stride,
                  request.min_effective_steps, fixed_link=link is not None,
                  hybrid=(request.hybrid or HYBRID_DEFAULTS[request.family]) if request.family in HYBRID_DEFAULTS

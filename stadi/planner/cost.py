@@ -15,6 +15,12 @@ LINKS: dict[str, float] = {"nvlink": 150.0, "pcie": 20.0, "network": 12.5}
 # One collective's fixed latency (launch + NCCL handshake) paid at every synchronisation point.
 COLLECTIVE_MS = 0.05
 
+# A whole-frame step (one GPU, a CFG branch) compiled with torch.compile and replayed as a CUDA graph costs this
+# share of the uncompiled graph (spec.model.compile). On 2x H200: SD3 40.3 against 52.0 ms per full step and
+# 21.8 against 27.6 ms per branch (bench/results/speed-2xh200-compile.json against speed-2xh200-all.json);
+# SDXL 32.7 against 42.0 ms (issue 5's figures for the same host). Banded steps are not compiled.
+COMPILED_WHOLE_FRAME = 0.78
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -24,6 +30,7 @@ class CostModel:
     latent_height: int
     latent_width: int
     link_gbytes_per_s: float
+    compiled: bool = False  # whole-frame steps run compiled (spec.model.compile)
 
     @property
     def width_scale(self) -> float:
@@ -34,17 +41,20 @@ class CostModel:
         shares rows with other ranks (``banded``); a rank with no rows costs nothing."""
         if rows <= 0:
             return 0.0
-        fixed, _ = self.affine(batch, banded)
-        return (fixed + self.profile.beta_ms * batch * rows * self.width_scale) / speed
+        fixed, per_granule = self.affine(batch, banded)
+        return (fixed + per_granule * rows / self.profile.granularity) / speed
 
     def affine(self, batch: int, banded: bool = False) -> tuple[float, float]:
         """(fixed cost, cost per granule of rows) of one step at speed 1: c(u granules) = (a + b * u) / v.
 
         A banded step's fixed cost includes ``band_exchange_ms``: its per-layer collectives slow the step
-        even when overlapped, on every step the rank runs (a strided rank pays it on fewer steps)."""
+        even when overlapped, on every step the rank runs (a strided rank pays it on fewer steps). A
+        whole-frame step of a compiled job costs ``COMPILED_WHOLE_FRAME`` of the graph's."""
         p = self.profile
-        fixed = p.alpha_ms + (p.band_exchange_ms if banded else 0.0)
-        return fixed, p.beta_ms * batch * p.granularity * self.width_scale
+        if banded:
+            return p.alpha_ms + p.band_exchange_ms, p.beta_ms * batch * p.granularity * self.width_scale
+        scale = COMPILED_WHOLE_FRAME if self.compiled else 1.0
+        return p.alpha_ms * scale, p.beta_ms * batch * p.granularity * self.width_scale * scale
 
     def exchange_ms(self, rows_received: int, batch: int) -> float:
         """Time to receive the other bands' activations for one step."""

@@ -14,13 +14,14 @@ from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_sec
 
 
 def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride: int, min_effective: int,
-                    link_gbytes_per_s: float) -> float:
+                    link_gbytes_per_s: float, compiled: bool = False) -> float:
     """Seconds the planner's cost model predicts for ``plan`` with rank ``r`` at ``speeds[r]`` (the same
-    formulas the strategies use to rank candidates; idle ranks cost nothing)."""
+    formulas the strategies use to rank candidates; idle ranks cost nothing; ``compiled``: the job's
+    whole-frame steps are)."""
     if len(speeds) != len(plan.ranks) or any(v <= 0 for v in speeds):
         raise ValueError(f"need one positive speed per rank, got {list(speeds)}")
     fam = profile(plan.family)
-    cost = CostModel(fam, plan.latent_height, plan.latent_width, link_gbytes_per_s)
+    cost = CostModel(fam, plan.latent_height, plan.latent_width, link_gbytes_per_s, compiled)
     if plan.strategy == "hybrid":
         return _hybrid_seconds(plan, cost, speeds)
     pb = Problem(cost, plan.steps, warmup, plan.guidance, max_stride, min_effective, fixed_link=True)

@@ -15,7 +15,7 @@ last step), so the predicted count is ``min(k, T - cap)`` and never more than a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stadi.families import HybridSchedule
 from stadi.planner.cost import COLLECTIVE_MS, CostModel
@@ -57,7 +57,9 @@ def window_step_ms(cost: CostModel, units: Sequence[Unit], speeds: Sequence[floa
 
 def hybrid_seconds(cost: CostModel, steps: int, schedule: HybridSchedule, units: Sequence[Unit],
                    speeds: Sequence[float], cut: StageCut) -> float:
-    """Predicted seconds of one image."""
+    """Predicted seconds of one image (its steps are never compiled: the worker compiles whole-frame steps
+    only, and the split step runs through the stage code)."""
+    cost = replace(cost, compiled=False)
     n = window_steps(steps, schedule)
     split = split_step_ms(cost, speeds)
     if n == 0:

@@ -209,7 +209,7 @@ def run_rank(config: dict[str, Any]) -> None:
             if serial_plan is not None:
                 full = serial_plan.model_copy(update={"ranks": [serial_plan.ranks[0].model_copy(
                     update={"rows": (0, serial_plan.latent_height)})]})
-                unit = step_cost_at_unit_speed(full, 0, spec.uses_cfg)
+                unit = step_cost_at_unit_speed(full, 0, spec.uses_cfg, spec.model.compile)
             else:
                 unit = 1.0
             speeds = [unit / max(s, 1e-6) for s in step_med]

@@ -26,6 +26,7 @@ from stadi.api import DiffusionJobSpec, Plan, RankPlan
 from stadi.families import profile
 from stadi_worker.bands import Bands, Workspace, guide
 from stadi_worker.emulate import Pacer, green_context, slowdown_factor
+from stadi_worker.graphs import compile_backend
 from stadi_worker.pipelines import FamilyOps, batch_branches, make_scheduler
 from stadi_worker.runtime import DistContext, check_plan
 from stadi_worker.sampling import BandSampler, StepTimer, denoise_loop, is_boundary, subgrid
@@ -85,20 +86,26 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
                             wait_ms=[0.0] * len(sampler.grid))
 
 
-def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool) -> float:
-    """The family's affine cost (ms at speed 1.0, the catalogue's scale) of one step of ``rank``'s band.
+def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool, compiled: bool = False) -> float:
+    """The family's affine cost (ms at speed 1.0, the catalogue's scale) of one step of ``rank``'s band;
+    ``compiled``: the job compiles whole-frame steps, so a rank owning the whole frame runs them compiled.
 
     Without the planner's ``band_exchange_ms``: the times it is matched with are compute alone (the profiled
     local step runs no collective; warmup steps less their waits)."""
-    fam = profile(plan.family)
+    from stadi.planner.cost import CostModel
+
     r = plan.ranks[rank]
     batch = (2 if guidance else 1) if r.branch == "both" else 1
-    return fam.alpha_ms + fam.beta_ms * batch * r.height * plan.latent_width / 128.0
+    whole = compiled and r.height == plan.latent_height
+    cost = CostModel(profile(plan.family), plan.latent_height, plan.latent_width, 0.0, compiled=whole)
+    return cost.step_ms(r.height, batch, 1.0)
 
 
-def measured_speeds(plan: Plan, compute_ms: list[float], guidance: bool) -> list[float]:
-    """Speeds comparable to the catalogue's: invert c_r(h) = (alpha + beta*b*h*W/128) / v_r."""
-    return [step_cost_at_unit_speed(plan, r, guidance) / max(ms, 1e-6) for r, ms in enumerate(compute_ms)]
+def measured_speeds(plan: Plan, compute_ms: list[float], guidance: bool, compiled: bool = False) -> list[float]:
+    """Speeds comparable to the catalogue's: invert c_r(h) = (alpha + beta*b*h*W/128) / v_r (times the
+    compiled share for whole-frame steps of a compiled job)."""
+    return [step_cost_at_unit_speed(plan, r, guidance, compiled) / max(ms, 1e-6)
+            for r, ms in enumerate(compute_ms)]
 
 
 def _link(plan: Plan) -> float:
@@ -163,8 +170,8 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold
     fresh = onto_gang(fresh, plan, speeds)
     fresh.validate_for(world)
     args = (plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
-    old_s = predict_seconds(plan, speeds, *args)
-    new_s = predict_seconds(fresh, speeds, *args)
+    old_s = predict_seconds(plan, speeds, *args, compiled=request.compiled)
+    new_s = predict_seconds(fresh, speeds, *args, compiled=request.compiled)
     gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
 
     def shares(p: Plan) -> list[tuple[Any, ...]]:
@@ -303,10 +310,12 @@ def _replan_step(spec: DiffusionJobSpec, bands: Bands, timer: StepTimer, warmup:
     times: list[float] = [0.0] * ctx.world_size
     dist.all_gather_object(times, mine)
     plan = bands.plan
-    speeds = measured_speeds(plan, times, spec.uses_cfg)
+    # what the ranks run, not what the job asked: STADI_COMPILE may override it
+    compiled = compile_backend(spec.model.compile) is not None
+    speeds = measured_speeds(plan, times, spec.uses_cfg, compiled)
     box: list[Any] = [None]
     if ctx.rank == 0:
-        new, gain = replan(spec, plan, speeds)
+        new, gain = replan(spec, plan, speeds, compiled=compiled)
         box = [(new.model_dump_json() if new is not None else None, gain)]
     dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
     new_json, gain = box[0]
