@@ -537,7 +537,10 @@ class DiffusionJobStatus(Model):
     completion_time: datetime | None = None
     attempts: int = 0
     excluded_nodes: list[str] = Field(default_factory=list)
-    gpus: int | None = Field(None, ge=0, description="GPUs (ranks) in the current plan; a printer column.")
+    gpus: int | None = Field(None, ge=0, description="GPUs computing in the current plan (the operator's, then "
+                             "the workers' re-plan, which may leave a slow one idle); a printer column.")
+    strategy: str | None = Field(None, description="Strategy of the current plan (``plan`` stays the one the gang "
+                                 "was started with); a printer column.")
     progress_text: str = Field("", description='Progress for people, e.g. "3/10 images"; a printer column.')
 
 

@@ -397,8 +397,9 @@ def build_crds() -> list[dict[str, Any]]:
                 "name": "GPUs",
                 "type": "integer",
                 "jsonPath": ".status.gpus",
-                "description": "GPUs (ranks) in the current plan.",
+                "description": "GPUs computing in the current plan (a re-plan may leave a slow one idle).",
             },
+            {"name": "Strategy", "type": "string", "jsonPath": ".status.strategy"},
             {"name": "Progress", "type": "string", "jsonPath": ".status.progressText"},
             {
                 "name": "Predicted",

@@ -384,7 +384,7 @@ def _launch(job: Job, spec_job: DiffusionJob, announce_wait: bool) -> bool:
             _sync(kube, current, desired, desired["kind"])
     job.logger.info(f"attempt {attempt} children: {made}")
     st.set(phase="Scheduling", attempts=attempt, plan=DiffusionJobStatus(plan=plan).dump()["plan"],
-           gpus=plan.world_size, observedGeneration=st.generation)
+           gpus=len(plan.active), strategy=plan.strategy, observedGeneration=st.generation)
     nodes = ", ".join(f"{s.node}×{s.gpus}" for s in slots)
     message = (f"attempt {attempt}: {plan.strategy} on {plan.world_size} GPU(s) in {len(slots)} pod(s) "
                f"[{nodes}], predicted {plan.predicted_seconds:.1f} s")

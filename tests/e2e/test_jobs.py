@@ -2,7 +2,7 @@
 the operator (a local process with the chart's RBAC), their pods bound by kube-scheduler and run by kwok.
 
 Each job: pods on nodes of the planned GPU products with the planned GPU counts and env; ``kubectl get dj``
-shows Phase, Model, GPUs, Progress and Predicted; Running → Succeeded on kwok's fake results. Then: a plan
+shows Phase, Model, GPUs, Strategy, Progress and Predicted; Running → Succeeded on kwok's fake results. Then: a plan
 across two GPU products, a failed pod re-planned without its node, and deletion collecting every child.
 """
 
@@ -199,6 +199,7 @@ def test_example_job_runs_to_success(stadi: Stadi, example: Path, cleanup: list[
     assert row["PHASE"] == "Running"
     assert row["MODEL"] == manifest["spec"]["model"]["family"]
     assert row["GPUS"] == str(len(st["plan"]["ranks"]))
+    assert row["STRATEGY"] == st["plan"]["strategy"] == st["strategy"]
     assert row["PROGRESS"] == f"1/{total} images"
     assert float(row["PREDICTED"]) == pytest.approx(st["plan"]["predicted_seconds"], rel=1e-3)
     assert row["AGE"]

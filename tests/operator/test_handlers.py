@@ -149,7 +149,7 @@ async def test_create_plans_and_creates_the_children_once(cluster: Cluster) -> N
 
     status = cluster.status()
     assert status["phase"] == "Scheduling"
-    assert status["attempts"] == 1 and status["gpus"] == 3
+    assert status["attempts"] == 1 and status["gpus"] == 3 and status["strategy"] == status["plan"]["strategy"]
     assert {r["node"] for r in status["plan"]["ranks"]} == {"gpu-a", "gpu-b"}
     assert cluster.condition("Planned")["status"] == "True"
     assert sorted(cluster.pods()) == ["cats-a1-0", "cats-a1-1"]

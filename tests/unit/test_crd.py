@@ -202,6 +202,7 @@ def test_diffusionjob_printer_columns() -> None:
         ("Phase", "string", ".status.phase"),
         ("Model", "string", ".spec.model.family"),
         ("GPUs", "integer", ".status.gpus"),
+        ("Strategy", "string", ".status.strategy"),
         ("Progress", "string", ".status.progressText"),
         ("Predicted", "number", ".status.plan.predicted_seconds"),
         ("Age", "date", ".metadata.creationTimestamp"),

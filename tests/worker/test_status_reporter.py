@@ -309,3 +309,20 @@ def test_client_sends_a_merge_patch_with_the_token(api: tuple[str, list[dict[str
     assert seen[1]["body"] == {"status": {"progressText": "2/2 images"}}
     with pytest.raises(OSError, match="HTTP 403 forbidden: not your job"):
         sr.KubeStatusClient(url, "team-a", "dogs", token)({"status": {}})
+
+
+def test_a_replan_that_changed_the_plan_sets_strategy_and_gpus() -> None:
+    send = Recorder()
+    reporter, clock = sync_reporter(send, interval=60.0)
+    reporter(ProgressEvent("start", 0, 10, 0, 1))
+    clock.now += 1
+    reporter(ProgressEvent("replan", 2, 10, 0, 1, speeds=[1.0, 0.1], strategy="stadi", strides=[1, 1],
+                           rows=[[0, 128], [0, 0]], replanned=False))
+    assert "strategy" not in send.bodies[-1]["status"]  # unchanged: the operator's columns stand
+    clock.now += 1
+    reporter(ProgressEvent("replan", 2, 10, 0, 1, speeds=[1.0, 0.1], strategy="single", strides=[1, 1],
+                           rows=[[0, 128], [0, 0]], replanned=True))
+    assert (send.bodies[-1]["status"]["strategy"], send.bodies[-1]["status"]["gpus"]) == ("single", 1)
+    clock.now += 61
+    reporter(step(5, total=1))
+    assert send.bodies[-1]["status"]["gpus"] == 1  # kept in later patches: a lost one is made good

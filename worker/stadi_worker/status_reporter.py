@@ -2,7 +2,8 @@
 
 The worker image has no Kubernetes client, so this speaks the REST API with urllib: one JSON merge patch of
 ``/apis/stadi.dev/v1alpha1/namespaces/{ns}/diffusionjobs/{name}/status`` setting ``progress``,
-``progressText`` and, once known, ``measured``. The job's Role allows exactly that (``patch`` of
+``progressText``, once known ``measured``, and after a re-plan that changed the plan its ``strategy`` and
+``gpus`` (those still computing). The job's Role allows exactly that (``patch`` of
 ``diffusionjobs/status`` for this job's name) and nothing else.
 
 Progress is best-effort: it must never fail or slow a generation. The progress callable only records the
@@ -96,6 +97,15 @@ def _steps(values: Any) -> list[float]:
     return [round(float(t), 4) for t in list(values)[-MAX_STEP_MS:]]
 
 
+def current_plan_of(event: Any) -> dict[str, Any]:
+    """What a "replan" event that changed the plan says of it for the printer columns: its strategy and the
+    GPUs still computing (an idle rank's rows are empty)."""
+    if not getattr(event, "replanned", False) or getattr(event, "strategy", None) is None:
+        return {}
+    rows = getattr(event, "rows", None) or []
+    return {"strategy": str(event.strategy), "gpus": sum(1 for r in rows if r[1] > r[0])}
+
+
 def measurements_of(event: Any) -> dict[int, dict[str, Any]]:
     """The per-rank measurements a progress event carries (a "replan" event), as status.measured entries."""
     found: dict[int, dict[str, Any]] = {}
@@ -144,6 +154,7 @@ class StatusReporter:
         self._progress: dict[str, Any] | None = None
         self._text = ""
         self._measured: dict[int, dict[str, Any]] = {}
+        self._current: dict[str, Any] = {}  # the re-planned strategy and GPUs computing
         self._dirty = False  # state not yet delivered
         self._measured_dirty = False
         self._urgent = False
@@ -168,6 +179,7 @@ class StatusReporter:
                 self._text = f"{int(event.images_done)}/{int(event.images_total)} images"
                 if event.kind == "replan":
                     self._merge(measurements_of(event))
+                    self._current.update(current_plan_of(event))
                 self._dirty = True
                 self._urgent = self._urgent or event.kind in URGENT
                 self._cond.notify()
@@ -230,6 +242,7 @@ class StatusReporter:
         if self._progress is not None:
             status["progress"] = dict(self._progress)
             status["progressText"] = self._text
+        status.update(self._current)  # small and idempotent: in every patch, so a lost one is made good
         with_measured = self._measured_dirty
         if with_measured:
             # A merge patch replaces lists whole: always the complete, rank-ordered list.
