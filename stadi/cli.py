@@ -123,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             strategy=p.strategy, warmup_steps=p.warmup_steps, max_stride=p.max_stride,
             min_effective_steps=min(p.min_effective_steps, p.steps), gpus_min=p.gpus_min,
             gpus_max=p.gpus_max if p.gpus_max is not None else max(len(pool), p.gpus_min),
-            link_gbytes_per_s=_link(p.link),
+            link_gbytes_per_s=_link(p.link), compiled=p.compile,
         )
     try:
         result = plan(request, pool)
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-effective-steps", type=int, default=20)
     p.add_argument("--gpus-min", type=int, default=1)
     p.add_argument("--gpus-max", type=int, default=None, help="default: the whole pool")
+    p.add_argument("--compile", action="store_true",
+                   help="whole-frame steps compiled (a job's model.compile): they cost less")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -12,6 +12,7 @@ import yaml
 
 from stadi.api import Plan, load_job
 from stadi.cli import main
+from stadi.planner.cost import COMPILED_WHOLE_FRAME
 
 ROOT = Path(__file__).resolve().parents[2]
 SDXL_JOB = ROOT / "manifests" / "examples" / "sdxl.yaml"
@@ -183,3 +184,15 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "out of range" in bad.stderr
+
+
+def test_compile_prices_whole_frame_steps_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """--compile (a job's model.compile): single and cfg get cheaper by the compiled share, banded plans do not,
+    so on an H100 beside a half-loaded one the compiled single GPU beats stadi's bands."""
+    _, plain = run_json(capsys, "plan", "--gpus", "H100,H100:0.5", "--model", "sd3")
+    _, compiled = run_json(capsys, "plan", "--gpus", "H100,H100:0.5", "--model", "sd3", "--compile")
+    assert compiled.alternatives["single"] == pytest.approx(COMPILED_WHOLE_FRAME * plain.alternatives["single"],
+                                                            rel=1e-3)
+    assert compiled.alternatives["cfg"] < plain.alternatives["cfg"]
+    assert compiled.alternatives["patch"] == plain.alternatives["patch"]
+    assert (plain.strategy, compiled.strategy) == ("stadi", "single")
