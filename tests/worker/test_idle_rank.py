@@ -195,3 +195,19 @@ def test_an_idle_rank_between_active_ones(tiny_dir, model_cache: Path, tmp_path:
         print(f"{name}: max abs vs serial {_err(launch, name):.2e}")
         assert res["evals"] == [list(range(STEPS)), [], list(range(STEPS))]
         assert _err(launch, name) <= MAX_ABS
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hold", [True, False])
+def test_an_idle_rank_outlasts_the_group_timeout_in_the_store(hold: bool, tmp_path: Path) -> None:
+    """An image longer than the process-group timeout: an idle rank waiting in the final gather times out
+    (without the hold), one waiting in the rendezvous store first does not."""
+    config = {"timeout_s": 1.0, "busy_s": 4.0, "hold": hold}
+    run = launch_ranks(2, config, tmp_path, timeout=60, module="hold_job")
+    if hold:
+        assert run.returncodes == [0, 0], run.stderr
+        for rank in range(2):
+            assert json.loads((run.out / f"rank{rank}.json").read_text()) == [0.0, 1.0]
+    else:
+        assert run.returncodes[1] == 1, run.stderr
+        assert "timed out" in run.stderr[1].lower() or "timeout" in run.stderr[1].lower(), run.stderr[1][-2000:]

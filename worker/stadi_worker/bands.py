@@ -6,6 +6,7 @@ a plan replay graphs instead of capturing them again.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from stadi_worker.comm import BandLayout, CommManager, all_gather_uneven
 from stadi_worker.graphs import StepGraphs, compile_backend, graphs_enabled
 from stadi_worker.layers import DenoiserPatch
 from stadi_worker.pipelines import FamilyOps, batch_branches
-from stadi_worker.runtime import DistContext
+from stadi_worker.runtime import DistContext, hold_idle
 from stadi_worker.sampling import StepTimer
 
 
@@ -65,6 +66,9 @@ class Bands:
         self.split = not me.idle and me.branch != "both"
         self.members, group, self.active_group = _groups(plan, ctx.rank)
         self.active = [r.rank for r in plan.active]
+        # names this plan's image ends in the rendezvous store alike on every rank (the plan is broadcast)
+        self._fingerprint = hashlib.sha1(plan.model_dump_json().encode()).hexdigest()[:12]
+        self._images = 0
         self.active_rows = [r.height for r in plan.active]
         layout = (BandLayout(bands=(me.rows,), index=0, height=plan.latent_height) if me.idle else
                   BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
@@ -148,6 +152,15 @@ class Bands:
             b.synchronize()
             times.append(a.elapsed_time(b))
         return statistics.median(times)
+
+    def hold_idle(self) -> None:
+        """Before the final gather of an image under a plan with idle ranks: the idle ones wait until the
+        first active rank is done (``runtime.hold_idle``), so they never sit in a collective for a whole image."""
+        if len(self.active) == self.ctx.world_size:
+            return
+        key = f"stadi/image-end/{self._fingerprint}/{self._images}"
+        self._images += 1
+        hold_idle(self.ctx, key, idle=self.idle, announce=self.ctx.rank == self.active[0])
 
     def gather_full(self, band: torch.Tensor) -> torch.Tensor:
         """The full-height tensor from every rank's band (collective over the world: idle ranks send their

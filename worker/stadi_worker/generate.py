@@ -292,6 +292,7 @@ def _generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, p
     result.wait_ms = [max(w - c, 0.0) for w, c in zip(result.step_ms, timer.compute_ms(), strict=True)]
     # final latent: gathered by band height over the world (an idle rank 0 still writes the image); rank 0
     # assembles its own group's bands
+    bands.hold_idle()
     final = bands.gather_full(latents)
     if bands.idle and on_step is not None:
         on_step(steps, steps)  # the gather waited for the active ranks: the image is done

@@ -6,8 +6,9 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ from stadi.families import profile
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0  # a dead peer surfaces as an error after this, never as a hang
+# How long an idle rank waits for the active ones to finish an image: a failed gang is torn down by its
+# launcher (stadi run, the operator), so this only has to outlast the longest image.
+IDLE_WAIT = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str  # "gloo" or "nccl"; the group exists only when world_size > 1
+    store: Any = field(default=None, compare=False, repr=False)  # the rendezvous key-value store, if any
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +81,26 @@ def init_from_env(device: str, timeout_s: float | None = None) -> DistContext:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout),
                                 device_id=dev if backend == "nccl" else None)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
+    store = None
+    if world > 1:
+        try:  # env:// (torchrun's agent store included) keeps its store here only
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError, ValueError):
+            log.debug("no rendezvous store: idle ranks wait in the final gather")
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend,
+                       store=store)
+
+
+def hold_idle(ctx: DistContext, key: str, *, idle: bool, announce: bool) -> None:
+    """Keep an idle rank out of collectives until the active ranks are done with an image: a collective waits
+    at most the group's timeout, an image may take longer. The rank that ``announce``s sets ``key`` in the
+    rendezvous store when it is done; ``idle`` ranks wait for it (``IDLE_WAIT`` at most)."""
+    if ctx.store is None:
+        return
+    if announce:
+        ctx.store.set(key, "1")
+    elif idle:
+        ctx.store.wait([key], IDLE_WAIT)
 
 
 TEARDOWN_S = 20.0  # default; STADI_TEARDOWN_S overrides (the benchmark's ranks need no grace)
