@@ -108,27 +108,16 @@ def _err(launch, name: str) -> float:
     return float((x - ref).abs().max())
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["sync_equal", "sync_unequal"])
-def test_parallel_sdxl_sync_matches_serial(sdxl2, name: str) -> None:
-    err = _err(sdxl2, name)
-    print(f"sdxl {name}: max abs latent error {err:.2e}")
-    assert err <= MAX_ABS
+# the 2-rank launch of each family with equal and unequal synchronous bands (and a stale run)
+LAUNCH_2 = {"sdxl": "sdxl2", "sd3": "sd3_2", "pixart": "pixart2"}
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["sync_equal", "sync_unequal"])
-def test_parallel_sd3_sync_matches_serial(sd3_2, name: str) -> None:
-    err = _err(sd3_2, name)
-    print(f"sd3 {name}: max abs latent error {err:.2e}")
-    assert err <= MAX_ABS
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["sync_equal", "sync_unequal"])
-def test_parallel_pixart_sync_matches_serial(pixart2, name: str) -> None:
-    err = _err(pixart2, name)
-    print(f"pixart {name}: max abs latent error {err:.2e}")
+@pytest.mark.parametrize("family", sorted(LAUNCH_2))
+def test_parallel_sync_matches_serial(family: str, name: str, request: pytest.FixtureRequest) -> None:
+    err = _err(request.getfixturevalue(LAUNCH_2[family]), name)
+    print(f"{family} {name}: max abs latent error {err:.2e}")
     assert err <= MAX_ABS
 
 
@@ -147,13 +136,12 @@ def test_parallel_sd15_sync_matches_serial(sd15_2) -> None:
 # 60 dB, stale mode 104 dB. A stale path that dropped the exchange (or read the wrong band) falls to the
 # uncoupled level and fails.
 STALE_MIN_PSNR = {"sdxl": 40.0, "sd3": 60.0, "pixart": 80.0}
-STALE_LAUNCH = {"sdxl": "sdxl2", "sd3": "sd3_2", "pixart": "pixart2"}
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("family", sorted(STALE_LAUNCH))
+@pytest.mark.parametrize("family", sorted(LAUNCH_2))
 def test_parallel_stale_close_to_serial(family: str, request: pytest.FixtureRequest) -> None:
-    launch = request.getfixturevalue(STALE_LAUNCH[family])
+    launch = request.getfixturevalue(LAUNCH_2[family])
     ref = launch.result("serial")["latents"]
     x = launch.result("stale_unequal")["latents"]
     value = psnr(x, ref)

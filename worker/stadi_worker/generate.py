@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from stadi.api import DiffusionJobSpec, Plan, RankPlan
 from stadi.families import profile
+from stadi.planner.cost import CostModel
 from stadi_worker.bands import Bands, Workspace, guide
 from stadi_worker.emulate import Pacer, green_context, slowdown_factor
 from stadi_worker.graphs import compile_backend
@@ -92,8 +93,6 @@ def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool, compiled: boo
 
     Without the planner's ``band_exchange_ms``: the times it is matched with are compute alone (the profiled
     local step runs no collective; warmup steps less their waits)."""
-    from stadi.planner.cost import CostModel
-
     r = plan.ranks[rank]
     batch = (2 if guidance else 1) if r.branch == "both" else 1
     whole = compiled and r.height == plan.latent_height
