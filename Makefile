@@ -40,7 +40,7 @@ $(UV):
 
 $(STAMP): pyproject.toml constraints.txt | $(UV)
 	test -x $(VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(VENV)/bin/python -c constraints.txt -e ".[worker,operator,dev]"
+	$(UV) pip install --quiet --python $(VENV)/bin/python -c constraints.txt -e ".[worker,operator,bench,dev]"
 	touch $@
 
 plan: setup

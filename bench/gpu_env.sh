@@ -10,11 +10,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . > /tmp/pip-self.log 2>&1 || { echo "pip install . failed:"; tail -3 /tmp/pip-self.log; }
 export PATH=/tmp/site/bin:$PATH
-if ! python3 -c "import stadi_worker.bench_speed" 2>/dev/null; then  # fall back: the tree itself + entry points
-  export PYTHONPATH=/tmp/site:$PWD:$PWD/worker
+if ! python3 -c "import stadi_bench.speed" 2>/dev/null; then  # fall back: the tree itself + entry points
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/worker:$PWD/bench
   D=/tmp/site/stadi_local-0.dist-info; mkdir -p $D
   printf 'Metadata-Version: 2.1\nName: stadi-local\nVersion: 0\n' > $D/METADATA
-  printf '[stadi.commands]\nworker = stadi_worker.commands:register\n' > $D/entry_points.txt
+  printf '[stadi.commands]\nworker = stadi_worker.cli.commands:register\nbench = stadi_bench.commands:register\n' > $D/entry_points.txt
 fi
 if [ -n "${STADI_DUMP_AFTER:-}" ]; then
   mkdir -p /tmp/dump && printf 'import faulthandler, os, sys\nfaulthandler.dump_traceback_later(int(os.environ["STADI_DUMP_AFTER"]), exit=False, file=sys.stderr)\n' > /tmp/dump/sitecustomize.py

@@ -15,7 +15,7 @@ python3 -m stadi.cli bench speed --help >/dev/null || exit 1
 if [ -n "${PREBUILD:-sd3}" ]; then  # build the SD3 random pipeline in the background while SDXL runs
 (OMP_NUM_THREADS=6 python3 -c "
 import torch; torch.set_num_threads(6)
-from pathlib import Path; from stadi.api import ModelSource; from stadi_worker.pipelines import resolve_source
+from pathlib import Path; from stadi.api import ModelSource; from stadi_worker.job.loading import resolve_source
 resolve_source(ModelSource(family='${PREBUILD:-sd3}', source='random://full', dtype='float16'), Path('/tmp/stadi-cache/models'))
 " > $W/build.log 2>&1 &)
 fi
@@ -40,5 +40,5 @@ if [ "${PEER:-0}" = 1 ]; then  # xDiT: same GPUs, SD3 pipeline directory, job, l
   echo "peer rc=$?"; tail -14 $W/speed-peer.log; cat $W/speed-peer.log >> $LOG
 fi
 cat $W/build.log >> $LOG 2>/dev/null
-ls $OUT/speed-*.json >/dev/null 2>&1 && python3 -m stadi_worker.bench_speed --merge $OUT/speed-*.json $OUT/${NAME:-bench-2xh200}.json
+ls $OUT/speed-*.json >/dev/null 2>&1 && python3 -m stadi_bench.speed --merge $OUT/speed-*.json $OUT/${NAME:-bench-2xh200}.json
 ls -la $OUT

@@ -6,6 +6,7 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from datetime import datetime
@@ -473,8 +474,11 @@ class Plan(BaseModel):
                     f"rank {r.rank} band {list(r.rows)} is not a multiple of the granularity "
                     f"{self.granularity} latent rows"
                 )
-        if any(self.sync_period % r.stride for r in active):
-            raise ValueError(f"sync_period {self.sync_period} is not a multiple of every active rank's stride")
+        period = math.lcm(*(r.stride for r in active))
+        if self.sync_period != period:
+            # the worker runs windows of exactly this period, and the planner priced exactly this one
+            raise ValueError(f"sync_period {self.sync_period} is not the lcm of the active ranks' strides "
+                             f"{[r.stride for r in active]} ({period})")
         if self.strategy == "hybrid":
             self._validate_hybrid()
 

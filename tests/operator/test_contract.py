@@ -5,8 +5,8 @@ inventory as the operator plans), and each worker pod's container command runs h
 pod's environment. Only what the kubelet and the cluster would provide is stood in for: the ConfigMap volume
 (a temp dir), the Secret behind ``secretKeyRef`` (a dict), the cache volume (one temp dir), rank 0's
 DNS name (loopback, by rewriting torchrun's ``--master-addr``), the ServiceAccount token and the API server
-(an http.server on loopback that authorizes each request against the job's Role, records the PATCH bodies
-and answers as the API would). The device plugin's ``CUDA_VISIBLE_DEVICES`` is empty: the ranks run on CPU.
+(an https server on loopback with its own CA that authorizes each request against the job's Role, records the
+PATCH bodies and answers as the API would). The device plugin's ``CUDA_VISIBLE_DEVICES`` is empty: the ranks run on CPU.
 
 The images and manifest.json must land in a moto S3 bucket, and rank 0's progress in the job's status.
 """
@@ -36,6 +36,7 @@ from stadi.api import load_job
 from stadi.planner import plan_job
 from tests import s3server
 from tests.s3server import list_keys
+from tests.tls import serve_tls
 
 s3_endpoint, s3_bucket, s3_env = s3server.s3_endpoint, s3server.s3_bucket, s3server.s3_env
 
@@ -61,7 +62,7 @@ class FakeApi:
     """The API server as rank 0's reporter meets it: bearer token, RBAC from the job's Role, merge patch of the
     status subresource applied to a stored status."""
 
-    def __init__(self, role: dict[str, Any]) -> None:
+    def __init__(self, role: dict[str, Any], directory: Path) -> None:
         self.role = role
         self.patches: list[dict[str, Any]] = []
         self.denied: list[str] = []
@@ -86,7 +87,8 @@ class FakeApi:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.ca_file = serve_tls(self.server, directory)  # the API server's CA, mounted beside the token
+        self.address = ("127.0.0.1", str(self.server.server_address[1]))
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def allowed(self, verb: str, path: str) -> bool:
@@ -100,7 +102,8 @@ class FakeApi:
                    and name in rule.get("resourceNames", [name]) for rule in self.role["rules"])
 
     def handle(self, verb: str, path: str, headers: Any, body: dict[str, Any] | None) -> int:
-        if headers.get("Authorization") != f"Bearer {TOKEN}":
+        scheme, _, token = str(headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or token != TOKEN:
             return 401
         if not self.allowed(verb, path):
             self.denied.append(f"{verb} {path}")
@@ -144,7 +147,7 @@ def pod_process_args(pod: dict[str, Any], config_dir: Path, port: int) -> list[s
     return args
 
 
-def pod_process_env(pod: dict[str, Any], secret: dict[str, str], cache: Path, api: str,
+def pod_process_env(pod: dict[str, Any], secret: dict[str, str], cache: Path, api: FakeApi,
                     token_file: Path) -> dict[str, str]:
     """The container env (secretKeyRef resolved) plus what the kubelet would add, nothing from the host's
     STADI_ or AWS_ settings."""
@@ -161,7 +164,8 @@ def pod_process_env(pod: dict[str, Any], secret: dict[str, str], cache: Path, ap
         STADI_CACHE=str(cache),  # the cache volume
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the image's PATH has stadi and torchrun
         CUDA_VISIBLE_DEVICES="",  # the device plugin's say: no GPU here
-        STADI_KUBE_API=api, STADI_KUBE_TOKEN_FILE=str(token_file),  # the mounted ServiceAccount
+        KUBERNETES_SERVICE_HOST=api.address[0], KUBERNETES_SERVICE_PORT=api.address[1],  # the API's Service
+        STADI_KUBE_TOKEN_FILE=str(token_file), STADI_KUBE_CA_FILE=str(api.ca_file),  # the mounted ServiceAccount
         AWS_CONFIG_FILE=str(cache / "no-aws-config"), AWS_SHARED_CREDENTIALS_FILE=str(cache / "no-aws-creds"),
         OMP_NUM_THREADS="1", STADI_DIST_TIMEOUT_S="120",  # two ranks on a few cores; a dead peer fails fast
     )
@@ -239,7 +243,7 @@ def test_operator_pods_run_as_local_processes_write_s3_and_report_progress(
         (config_dir / key).write_text(text)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    api = FakeApi(role)
+    api = FakeApi(role, tmp_path)
     port = s3server.free_port()
     logs = []
     try:
@@ -249,7 +253,7 @@ def test_operator_pods_run_as_local_processes_write_s3_and_report_progress(
             cache = tmp_path / "cache"
             cache.mkdir()
             for i, pod in enumerate(pods):
-                env = pod_process_env(pod, s3server.TEST_KEYS, cache, api.url, token_file)
+                env = pod_process_env(pod, s3server.TEST_KEYS, cache, api, token_file)
                 log_path = tmp_path / f"pod-{i}.log"
                 logs.append(log_path)
                 with open(log_path, "wb") as log_file:

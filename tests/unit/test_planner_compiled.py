@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from stadi_worker.generate import step_cost_at_unit_speed
+from stadi_worker.engine.replan import step_cost_at_unit_speed
 
 from stadi.api import DiffusionJobSpec
 from stadi.families import HYBRID_DEFAULTS, profile

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,31 +13,6 @@ import pytest
 STEPS = 8
 HEIGHT = WIDTH = 128  # 16x16 latent rows/columns: bands of 4 (SDXL) or 2 (SD3) rows
 RANK_TIMEOUT_S = 100  # a launch that takes longer is killed: a stuck rank never hangs the suite
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Cache dir where ``random://tiny`` pipelines get saved once per session (built on first use)."""
-    return tmp_path_factory.mktemp("stadi-models")
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(model_cache: Path):
-    """``tiny_dir(family)`` -> the saved tiny pipeline of ``family`` (built in this process, once)."""
-    from stadi_worker.pipelines import resolve_source
-
-    from stadi.api import ModelSource
-
-    def get(family: str) -> Path:
-        return resolve_source(ModelSource(family=family, source="random://tiny", dtype="float32"), model_cache)
-
-    return get
 
 
 def job_spec(family: str, guidance: float = 5.0, steps: int = STEPS, **extra: Any) -> dict[str, Any]:
@@ -91,65 +63,45 @@ class Launch:
         return self
 
 
-def _rank_main(env: dict[str, str], config: dict[str, Any], err_path: str, module: str) -> None:
-    """Child body: torchrun's env, stderr to a file, then the module's ``run(config)``."""
+def _rank_main(module: str, config: dict[str, Any], traceback_after_s: float) -> int:
+    """A rank's body: ``module.run(config)``. A failure is printed and returned as exit code 1 rather than
+    raised, so that the launcher does not stop the other ranks: each one runs to its own end (a test may check
+    that every rank fails by itself); one stuck past ``traceback_after_s`` prints where, and exits."""
+    import faulthandler
     import importlib
     import traceback
 
-    os.environ.update(env)
-    with open(err_path, "w") as err:
-        os.dup2(err.fileno(), 2)
-    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+    faulthandler.dump_traceback_later(traceback_after_s, exit=True)
     try:
         importlib.import_module(module).run(config)
-    except BaseException:
+    except Exception:
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stderr.flush()
-    os._exit(0)
+        return 1
+    return 0
 
 
 def launch_ranks(world: int, config: dict[str, Any], workdir: Path, timeout: float = RANK_TIMEOUT_S,
-                 module: str = "stadi_worker.parity") -> Launch:
-    """Start ``world`` ranks running ``module.run(config)`` with torchrun's env on a free loopback port and
-    kill them all when the timeout passes.
+                 module: str = "stadi_bench.parity") -> Launch:
+    """Run ``module.run(config)`` on ``world`` ranks through the worker's one launcher of local ranks, killed
+    all when the timeout passes (exit codes None then: a hang).
 
     Ranks are forked from this process after it imported torch and diffusers: re-importing them costs
     ~20 s of CPU per rank on a 2-core machine, more than the whole tiny generation.
     """
-    import multiprocessing as mp
-
     import diffusers  # noqa: F401 - imported before the fork on purpose
     import torch  # noqa: F401
+    from stadi_worker.cli.ranks import Gang, rank_log
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = {"out": str(workdir / "out"), "threads": 1, "device": "cpu", **config}
     (workdir / "config.json").write_text(json.dumps(config))
-    port = free_port()
-    ctx = mp.get_context("fork")
-    procs = []
     start = time.monotonic()
-    for rank in range(world):
-        env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "STADI_DIST_TIMEOUT_S": "60",
-               "STADI_TRACEBACK_AFTER_S": str(max(5, timeout - 5))}
-        p = ctx.Process(target=_rank_main, args=(env, config, str(workdir / f"rank{rank}.err"), module))
-        p.start()
-        procs.append(p)
-    deadline = start + timeout
-    for p in procs:
-        p.join(timeout=max(0.1, deadline - time.monotonic()))
-    codes: list[int | None] = []
-    for p in procs:
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
-    stderr = [(workdir / f"rank{r}.err").read_text() if (workdir / f"rank{r}.err").exists() else ""
-              for r in range(world)]
+    logs = workdir / "ranks"
+    with Gang(_rank_main, world, logs, args=(module, config, max(5, timeout - 5)),
+              env={"STADI_DIST_TIMEOUT_S": "60"}, start_method="fork") as gang:
+        outcome = gang.wait(timeout)
+    codes = [outcome.values.get(r, code) for r, code in enumerate(outcome.codes)]
+    stderr = [rank_log(logs, r).read_text() if rank_log(logs, r).exists() else "" for r in range(world)]
     return Launch(codes, stderr, Path(config["out"]), time.monotonic() - start)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from stadi_worker.runtime import hold_idle, init_from_env, shutdown
+from stadi_worker.engine.runtime import hold_idle, init_from_env, shutdown
 
 
 def run(config: dict[str, Any]) -> None:

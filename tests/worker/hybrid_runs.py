@@ -9,7 +9,6 @@ the graph keys with their calls and replays so far).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -18,11 +17,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from stadi_worker.bands import Workspace
-from stadi_worker.generate import generate, generate_serial
-from stadi_worker.graphs import StepGraphs
-from stadi_worker.pipelines import load_pipeline
-from stadi_worker.runtime import init_from_env, shutdown
+from stadi_worker.cli.emulate import pacer
+from stadi_worker.engine.bands import Workspace
+from stadi_worker.engine.generate import generate
+from stadi_worker.engine.graphs import StepGraphs
+from stadi_worker.engine.runtime import init_from_env, shutdown
+from stadi_worker.engine.serial import generate_serial
+from stadi_worker.job.loading import load_pipeline
+from stadi_worker.settings import WorkerSettings
 
 from stadi.api import DiffusionJobSpec, Plan
 
@@ -55,11 +57,8 @@ class ReplayGraphs(StepGraphs):
 
 
 def run(config: dict[str, Any]) -> None:
-    import faulthandler
-
-    faulthandler.dump_traceback_later(float(os.environ.get("STADI_TRACEBACK_AFTER_S", "90")), exit=True)
     torch.set_num_threads(int(config.get("threads", 1)))
-    ctx = init_from_env("cpu")
+    ctx = init_from_env("cpu", WorkerSettings().dist_timeout_s)
     try:
         spec = DiffusionJobSpec.model_validate(config["spec"])
         out = Path(config["out"])
@@ -79,7 +78,8 @@ def run(config: dict[str, Any]) -> None:
                 ws = workspaces.setdefault(entry["workspace"], Workspace(graphs=ReplayGraphs()))
             res: Any = generate(pipe, spec, Plan.model_validate(entry["plan"]), ctx,
                                 entry.get("prompt", config["prompt"]), config["seed"], exact=entry.get("exact", False),
-                                replan_after_warmup=entry.get("replan", False), slowdown=slow.get(ctx.rank, 1.0),
+                                replan_after_warmup=entry.get("replan", False),
+                                pace=pacer(slow.get(ctx.rank, 1.0), ctx.device),
                                 decode=False, workspace=ws)
             graphs = ws.graphs if ws is not None else None
             keys = []

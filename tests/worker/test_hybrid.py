@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import STEPS, job_spec, launch_ranks
-from stadi_worker.generate import initial_noise
-from stadi_worker.hybrid import Switch, resolve_cut, switch_step
-from stadi_worker.pipelines import FamilyOps, batch_branches, load_pipeline, make_scheduler
-from stadi_worker.sampling import BandSampler
-from stadi_worker.stages import Stages, unit_table
+from stadi_worker.engine.hybrid import Switch, resolve_cut, switch_step
+from stadi_worker.engine.sampling import BandSampler, initial_noise
+from stadi_worker.job.loading import load_pipeline
+from stadi_worker.models import ops_for
+from stadi_worker.models.base import batch_branches
+from stadi_worker.models.schedulers import make_scheduler
 
 from stadi.api import DiffusionJobSpec, HybridPlan, ModelSource, Plan
 from stadi.families import HybridSchedule
@@ -88,7 +89,7 @@ def _spec(family: str) -> DiffusionJobSpec:
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_stages_reproduce_the_denoiser_at_every_cut(family: str, tiny_dir, model_cache: Path) -> None:
     tiny_dir(family)
-    ops = FamilyOps(_pipe(family, model_cache), family)
+    ops = ops_for(_pipe(family, model_cache), family)
     spec = _spec(family)
     cond = batch_branches(ops.encode(spec, PROMPT, True), ["uncond", "cond"])
     c, h, w = ops.latent_shape(spec)
@@ -96,24 +97,25 @@ def test_stages_reproduce_the_denoiser_at_every_cut(family: str, tiny_dir, model
     t = torch.tensor(500.0)
     with torch.no_grad():
         ref = ops(x, t, cond)
-        for b in range(1, len(unit_table(ops, h, w))):
-            st = Stages(ops, h, w, b)
+        for b in range(1, len(ops.units(h, w))):
+            st = ops.stages(h, w, b)
             assert torch.equal(st.second(st.first(x, t, cond), t, cond), ref), st.units[b].name
 
 
 def test_reference_models_have_the_planner_tables() -> None:
     """The published SDXL and SD3-medium shapes (built on the meta device) linearise to the tables the
     planner cuts: same architecture parameters, every block listed."""
-    from stadi_worker.stages import _check_unet
-    from stadi_worker.tiny import _sd3_transformer, _unet_sdxl
+    from stadi_worker.models.sd3 import transformer
+    from stadi_worker.models.sdxl import unet as sdxl_unet
+    from stadi_worker.models.unet import check_unet
 
     from stadi.planner.stage_split import SD3_MEDIUM, SDXL, DiTArch, UNetArch, reference_units
 
     with torch.device("meta"):
-        unet, dit = _unet_sdxl("full"), _sd3_transformer("full")
+        unet, dit = sdxl_unet("full"), transformer("full")
     assert UNetArch.from_config(unet.config) == SDXL
     assert DiTArch.from_config(dit.config) == SD3_MEDIUM
-    _check_unet(unet, list(reference_units("sdxl", 128, 128)))
+    check_unet(unet, list(reference_units("sdxl", 128, 128)))
     assert len(dit.transformer_blocks) == len(reference_units("sd3", 128, 128))
 
 
@@ -125,12 +127,12 @@ def emulate(family: str, cache: Path, p: Plan, window: range, guided: bool) -> t
     stage-0 output of the step before (of this step at the first window step). ``guided=False`` uses the
     conditional prediction alone inside the window."""
     pipe = _pipe(family, cache)
-    ops, spec = FamilyOps(pipe, family), _spec(family)
+    ops, spec = ops_for(pipe, family), _spec(family)
     both = batch_branches(ops.encode(spec, PROMPT, True), ["uncond", "cond"])
-    sampler = BandSampler(make_scheduler(pipe, family, spec.scheduler), spec.steps, ops.device)
+    sampler = BandSampler(make_scheduler(ops, spec.scheduler), spec.steps, ops.device)
     c, h, w = ops.latent_shape(spec)
     latents = initial_noise((c, h, w), SEED, sampler.init_noise_sigma)
-    stages = Stages(ops, h, w, resolve_cut(p, unit_table(ops, h, w))[1])
+    stages = ops.stages(h, w, resolve_cut(p, ops.units(h, w))[1])
     previous: tuple[torch.Tensor, ...] = ()
     with torch.no_grad():
         for i in range(spec.steps):
@@ -280,7 +282,7 @@ def test_replan_moves_work_off_the_slow_rank(sdxl_runs: Any, model_cache: Path) 
     assert slow_share(reference, p.ranks[stage0].layers[1]) < 0.5  # type: ignore[index]
     rec = _recorded(sdxl_runs, "replan")
     assert rec["window"] == (4, 7)
-    tiny = unit_table(FamilyOps(_pipe("sdxl", model_cache), "sdxl"), 16, 16)
+    tiny = ops_for(_pipe("sdxl", model_cache), "sdxl").units(16, 16)
     assert slow_share(tiny, [u.name for u in tiny].index(rec["layer"])) < 0.5
 
 

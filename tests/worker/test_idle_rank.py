@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import HEIGHT, STEPS, job_spec, launch_ranks, make_plan
-from stadi_worker.generate import replan
+from stadi_worker.engine.replan import replan
 
 from stadi.api import DiffusionJobSpec, Plan
 
@@ -153,7 +153,7 @@ def test_a_plan_idle_from_the_start_runs_on_the_active_rank(idle_runs) -> None:
 def test_job_with_an_idle_rank_0_writes_every_image(tiny_dir, model_cache: Path, tmp_path: Path) -> None:
     """Rank 0 (the writer) is the slow one: the first image's re-plan leaves it idle, the second image runs
     idle from the start; rank 0 still writes both images and the manifest, and progress reaches the end."""
-    from stadi_worker.manifest import Manifest
+    from stadi_worker.job.manifest import Manifest
 
     tiny_dir("sd3")
     doc = _spec_doc()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from pydantic import ValidationError
-from stadi_worker.manifest import (
+from stadi_worker.job.manifest import (
     ImageRecord,
     Manifest,
     PlanRecord,

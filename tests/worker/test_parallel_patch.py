@@ -88,8 +88,8 @@ def test_band_embed_pixart_off_native_grid() -> None:
     """PixArt's PatchEmbed (sample_size 128: base size 64, interpolation scale 2) at a latent size other than
     its own: each band's tokens are the full image's rows of tokens (the full grid's sincos embedding, cut)."""
     from diffusers import PixArtTransformer2DModel
-    from stadi_worker.comm import BandLayout
-    from stadi_worker.layers import PatchBandEmbed
+    from stadi_worker.engine.comm import BandLayout
+    from stadi_worker.engine.layers import PatchBandEmbed
 
     embed = PixArtTransformer2DModel(sample_size=128, num_layers=1, num_attention_heads=2, attention_head_dim=12,
                                      cross_attention_dim=24, caption_channels=8).pos_embed

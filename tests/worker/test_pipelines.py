@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import job_spec
-from stadi_worker.generate import generate_serial
-from stadi_worker.pipelines import load_pipeline, make_scheduler
+from stadi_worker.engine.serial import generate_serial
+from stadi_worker.job.loading import load_pipeline
+from stadi_worker.models import ops_for
+from stadi_worker.models.schedulers import make_scheduler
 
 from stadi.api import DiffusionJobSpec, ModelSource
 
@@ -45,12 +45,13 @@ def test_pipelines_load_from_file_uri(tiny_dir, tmp_path: Path) -> None:
 def test_pipelines_s3_goes_through_storage(tiny_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def download_prefix(uri: str, dest: Path, endpoint: str | None) -> Path:
+    def download_prefix(uri: str, dest: Path, endpoint: str | None, credentials_dir: Path | None) -> Path:
         calls.append((uri, dest, endpoint))
         return tiny_dir("sdxl")
 
-    monkeypatch.setitem(sys.modules, "stadi_worker.storage",
-                        types.SimpleNamespace(download_prefix=download_prefix))
+    from stadi_worker.job import loading
+
+    monkeypatch.setattr(loading, "download_prefix", download_prefix)
     pipe = load_pipeline(ModelSource(family="sdxl", source="s3://models/tiny-sdxl", dtype="float32"), "cpu",
                          tmp_path, endpoint="http://127.0.0.1:9000")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
@@ -60,12 +61,12 @@ def test_pipelines_s3_goes_through_storage(tiny_dir, tmp_path: Path, monkeypatch
 
 
 def test_pipelines_scheduler_choice(sdxl_pipe) -> None:
-    names = {n: type(make_scheduler(sdxl_pipe, "sdxl", n)).__name__ for n in ("default", "ddim", "euler",
+    names = {n: type(make_scheduler(ops_for(sdxl_pipe, "sdxl"), n)).__name__ for n in ("default", "ddim", "euler",
                                                                                "dpmpp-2m")}
     assert names == {"default": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
                      "euler": "EulerDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler"}
     with pytest.raises(ValueError, match="flow-euler is for flow-matching"):
-        make_scheduler(sdxl_pipe, "sdxl", "flow-euler")
+        make_scheduler(ops_for(sdxl_pipe, "sdxl"), "flow-euler")
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
@@ -85,25 +86,25 @@ def test_pipelines_tiny_sd15_and_sd3(tiny_dir, model_cache: Path) -> None:
         pipe = load_pipeline(ModelSource(family=family, source="random://tiny", dtype="float32"), "cpu",
                              model_cache)
         assert type(pipe).__name__ == cls
-        assert type(make_scheduler(pipe, family, "default")).__name__ == sched
+        assert type(make_scheduler(ops_for(pipe, family), "default")).__name__ == sched
         spec = DiffusionJobSpec.model_validate(job_spec(family, steps=2))
         res = generate_serial(pipe, spec, "a boat", 0)
         assert res.latents is not None and torch.isfinite(res.latents).all()
     with pytest.raises(ValueError, match="flow-matching model"):
-        make_scheduler(pipe, "sd3", "ddim")
+        make_scheduler(ops_for(pipe, "sd3"), "ddim")
 
 
 def test_pipelines_tiny_pixart(tiny_dir, model_cache: Path) -> None:
     """PixArt-alpha from disk (T5 tokenizer from its tokenizer.json): our loop equals diffusers' own
     ``__call__`` on the same noise, also with the size micro-conditions of a sample_size 128 transformer."""
     from diffusers import PixArtTransformer2DModel
-    from stadi_worker.generate import initial_noise
+    from stadi_worker.engine.sampling import initial_noise
 
     path = tiny_dir("pixart")
     assert json.loads((path / "model_index.json").read_text())["tokenizer"] == ["transformers", "T5Tokenizer"]
     pipe = load_pipeline(ModelSource(family="pixart", source="random://tiny", dtype="float32"), "cpu", model_cache)
     assert type(pipe).__name__ == "PixArtAlphaPipeline"
-    assert type(make_scheduler(pipe, "pixart", "default")).__name__ == "DPMSolverMultistepScheduler"
+    assert type(make_scheduler(ops_for(pipe, "pixart"), "default")).__name__ == "DPMSolverMultistepScheduler"
     assert pipe.tokenizer("a cat").input_ids[-1] == pipe.tokenizer.eos_token_id
     for height, width, sample_size in ((128, 128, 16), (128, 256, 128)):
         if sample_size != pipe.transformer.config.sample_size:
@@ -120,35 +121,36 @@ def test_pipelines_tiny_pixart(tiny_dir, model_cache: Path) -> None:
         assert torch.allclose(ours.latents, theirs, rtol=1e-5, atol=1e-4)
 
 
-def test_pipelines_compiled_whole_frame_steps(sdxl_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
-    """STADI_COMPILE: whole-frame steps run through torch.compile (one compiled denoiser per pipeline in the
-    workspace) and give the eager result; the backend here is aot_eager (no C++ toolchain time in tests)."""
-    from stadi_worker.bands import Workspace
+def test_pipelines_compiled_whole_frame_steps(sdxl_pipe) -> None:
+    """The compile override (STADI_COMPILE): whole-frame steps run through torch.compile (one compiled denoiser
+    per pipeline in the workspace) and give the eager result; the backend here is aot_eager (no C++ toolchain
+    time in tests)."""
+    from stadi_worker.engine.bands import Workspace
+    from stadi_worker.engine.options import EngineOptions
 
     spec = DiffusionJobSpec.model_validate(job_spec("sdxl", steps=2))
     eager = generate_serial(sdxl_pipe, spec, "a lighthouse", 5, decode=False)
     torch._dynamo.reset()
-    monkeypatch.setenv("STADI_COMPILE", "aot_eager")
-    ws = Workspace()
+    ws = Workspace(EngineOptions(compile="aot_eager"))
     compiled = generate_serial(sdxl_pipe, spec, "a lighthouse", 5, decode=False, workspace=ws)
     [module] = ws._compiled.values()
     assert type(module).__name__ == "OptimizedModule" and module._orig_mod is sdxl_pipe.unet
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames >= 1  # dynamo really traced the denoiser
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-5)
-    monkeypatch.delenv("STADI_COMPILE")
     assert Workspace().whole_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})(), spec) is None
 
 
 def test_compile_is_the_jobs_unless_the_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stadi_worker.graphs import compile_backend
+    from stadi_worker.settings import WorkerSettings
 
     monkeypatch.delenv("STADI_COMPILE", raising=False)
+    compile_backend = WorkerSettings().engine.compile_backend
     assert (compile_backend(True), compile_backend(False)) == ("inductor", None)
     monkeypatch.setenv("STADI_COMPILE", "0")  # a debugging switch: never compile
-    assert compile_backend(True) is None
+    assert WorkerSettings().engine.compile_backend(True) is None
     monkeypatch.setenv("STADI_COMPILE", "aot_eager")
-    assert compile_backend(False) == "aot_eager"
+    assert WorkerSettings().engine.compile_backend(False) == "aot_eager"
     spec = DiffusionJobSpec.model_validate(job_spec("sdxl", steps=2))
     assert spec.model.compile is False
     assert DiffusionJobSpec.model_validate({**job_spec("sdxl"), "model": {**job_spec("sdxl")["model"],
@@ -157,8 +159,8 @@ def test_compile_is_the_jobs_unless_the_environment_overrides(monkeypatch: pytes
 
 def test_pipelines_runnable_families_are_the_worker_classes() -> None:
     """The families admitted as runnable (operator, stadi run) are exactly those the worker can load."""
-    from stadi_worker.pipelines import PIPELINE_CLASSES
+    from stadi_worker.models import FAMILIES as WORKER_FAMILIES
 
     from stadi.families import FAMILIES, RUNNABLE
 
-    assert set(RUNNABLE) == set(PIPELINE_CLASSES) and set(RUNNABLE) <= set(FAMILIES)
+    assert set(RUNNABLE) == set(WORKER_FAMILIES) and set(RUNNABLE) <= set(FAMILIES)

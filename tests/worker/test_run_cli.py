@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
-from stadi_worker import launch
-from stadi_worker.job_runner import ProgressEvent, image_name, run_job
-from stadi_worker.manifest import Manifest
-from stadi_worker.storage import LocalStore, StorageError, open_store
+from stadi_worker.cli import inputs
+from stadi_worker.job.manifest import Manifest
+from stadi_worker.job.progress import ProgressEvent
+from stadi_worker.job.runner import image_name, run_job
+from stadi_worker.job.storage import LocalStore, StorageError, open_store
 
 from stadi.api import load_job
 from stadi.planner import Device, plan_job
@@ -174,29 +175,35 @@ def test_worker_reads_plan_and_job_from_env_and_config_dir(tmp_path: Path, monke
     monkeypatch.delenv("STADI_PLAN", raising=False)
     monkeypatch.delenv("STADI_JOB", raising=False)
     monkeypatch.setenv("STADI_CONFIG_DIR", str(tmp_path))
-    got_job, got_plan = launch.resolve_inputs(None, None)
+    from stadi_worker.settings import WorkerSettings
+
+    def resolve() -> tuple[Any, Any]:
+        settings = WorkerSettings()  # the environment, as a rank reads it
+        return inputs.resolve_inputs(settings.plan, settings.job, settings.config_dir)
+
+    got_job, got_plan = resolve()
     assert got_plan == plan and got_job.spec == job.spec
     monkeypatch.setenv("STADI_PLAN", plan.model_dump_json())  # inline JSON works too
-    assert launch.resolve_inputs(None, None)[1] == plan
+    assert resolve()[1] == plan
     monkeypatch.setenv("STADI_CONFIG_DIR", str(tmp_path / "empty"))
     monkeypatch.delenv("STADI_PLAN")
-    with pytest.raises(launch.WorkerError, match="no plan"):
-        launch.resolve_inputs(None, None)
+    with pytest.raises(inputs.WorkerError, match="no plan"):
+        resolve()
     (tmp_path / "bad.json").write_text('{"strategy": "nope"}')
-    with pytest.raises(launch.WorkerError, match="not a valid Plan"):
-        launch.read_plan(str(tmp_path / "bad.json"))
+    with pytest.raises(inputs.WorkerError, match="not a valid Plan"):
+        inputs.read_plan(str(tmp_path / "bad.json"))
 
 
 def test_output_override_makes_a_directory_a_file_uri(tmp_path: Path) -> None:
-    job = launch.apply_output_overrides(load_job(TINY_JOB), str(tmp_path / "rel"), None)
+    job = inputs.apply_output_overrides(load_job(TINY_JOB), str(tmp_path / "rel"), None)
     assert job.spec.output.uri == (tmp_path / "rel").as_uri()
-    job = launch.apply_output_overrides(job, "s3://bkt/p", "http://127.0.0.1:9")
+    job = inputs.apply_output_overrides(job, "s3://bkt/p", "http://127.0.0.1:9")
     assert (job.spec.output.uri, job.spec.output.endpoint) == ("s3://bkt/p", "http://127.0.0.1:9")
 
 
 def test_worker_bad_input_fails_with_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "STADI_PLAN": str(tmp_path / "missing.json"), "STADI_JOB": str(tmp_path / "j.yaml"),
-           "STADI_ERROR_FILE": str(tmp_path / "err.json")}
+           "TORCHELASTIC_ERROR_FILE": str(tmp_path / "err.json")}
     proc = subprocess.run([str(STADI), "worker"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("stadi worker rank 0: cannot read job")
@@ -330,6 +337,7 @@ def test_open_store_for_run_output_is_checked_first(s3_endpoint: str, s3_env: di
 
 FAKE_CORE = '''
 import os, sys, time, types
+from pathlib import Path
 from dataclasses import dataclass
 
 @dataclass
@@ -340,7 +348,7 @@ class DistContext:
     device: object
     backend: str
 
-def init_from_env(device):
+def init_from_env(device, timeout_s=600.0):
     import torch, torch.distributed as dist
     dist.init_process_group("gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu"), "gloo")
@@ -350,17 +358,22 @@ def generate(pipe, spec, plan, ctx, prompt, seed, *, exact=False, on_step=None, 
         raise RuntimeError("rank one broke")
     time.sleep(600)  # rank 0 would wait forever: the launcher must stop it
 
-runtime = types.ModuleType("stadi_worker.runtime")
+runtime = types.ModuleType("stadi_worker.engine.runtime")
 runtime.init_from_env = init_from_env
-runtime.check_plan = lambda plan, spec, ctx: plan.validate_for(ctx.world_size)
-gen = types.ModuleType("stadi_worker.generate")
+runtime.shutdown = lambda ctx, teardown_s=0: None
+runtime.DEFAULT_TIMEOUT_S, runtime.TEARDOWN_S = 600.0, 20.0
+plan_check = types.ModuleType("stadi_worker.engine.plan_check")
+plan_check.check_plan = lambda plan, spec, ctx: plan.validate_for(ctx.world_size)
+gen = types.ModuleType("stadi_worker.engine.generate")
 gen.generate = generate
-pipelines = types.ModuleType("stadi_worker.pipelines")
-pipelines.load_pipeline = lambda source, device, cache_dir: None
-bands = types.ModuleType("stadi_worker.bands")
-bands.Workspace = lambda: None
-sys.modules.update({"stadi_worker.runtime": runtime, "stadi_worker.generate": gen,
-                    "stadi_worker.pipelines": pipelines, "stadi_worker.bands": bands})
+loading = types.ModuleType("stadi_worker.job.loading")
+loading.load_pipeline = lambda source, device, cache_dir, credentials_dir=None: None
+loading.DEFAULT_CACHE, loading.models_dir = Path.home() / ".cache" / "stadi", lambda cache: cache / "models"
+bands = types.ModuleType("stadi_worker.engine.bands")
+bands.Workspace = lambda options=None: None
+sys.modules.update({"stadi_worker.engine.runtime": runtime, "stadi_worker.engine.plan_check": plan_check,
+                    "stadi_worker.engine.generate": gen, "stadi_worker.job.loading": loading,
+                    "stadi_worker.engine.bands": bands})
 '''
 
 

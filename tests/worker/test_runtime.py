@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import job_spec, launch_ranks, make_plan
-from stadi_worker.runtime import DistContext, check_plan, init_from_env
+from stadi_worker.engine.plan_check import check_plan
+from stadi_worker.engine.runtime import DistContext, init_from_env
 
 from stadi.api import DiffusionJobSpec, Plan
 

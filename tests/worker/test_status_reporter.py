@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stadi_worker import status_reporter as sr
-from stadi_worker.job_runner import ProgressEvent
-from stadi_worker.manifest import RankRecord
+from stadi_worker.job import status as sr
+from stadi_worker.job.manifest import RankRecord
+from stadi_worker.job.progress import ProgressEvent
+
+from tests.tls import serve_tls
 
 
 class Clock:
@@ -161,7 +163,7 @@ def test_speeds_from_the_manifest_when_the_replan_event_was_lost() -> None:
 def test_errors_are_logged_once_never_raised_and_retried(caplog: pytest.LogCaptureFixture) -> None:
     send = Recorder(fail=True)
     reporter, clock = sync_reporter(send, interval=1.0)
-    with caplog.at_level(logging.DEBUG, logger="stadi_worker.status_reporter"):
+    with caplog.at_level(logging.DEBUG, logger="stadi_worker.job.status"):
         reporter(ProgressEvent("start", 0, 10, 0, 2))
         for n in range(1, 6):
             clock.now += 2
@@ -212,43 +214,54 @@ def test_close_waits_a_bounded_time_for_a_hanging_api() -> None:
 
 @pytest.fixture
 def kube_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A pod's view: the job named, the ServiceAccount's token and CA bundle mounted, the API's address."""
     token = tmp_path / "token"
-    token.write_text("secret-token\n")
+    token.write_text("secret-token")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("STADI_JOB_NAME", "cats")
     monkeypatch.setenv("STADI_JOB_NAMESPACE", "team-a")
     monkeypatch.setenv("STADI_KUBE_TOKEN_FILE", str(token))
-    monkeypatch.setenv("STADI_KUBE_API", "http://127.0.0.1:1")
+    monkeypatch.setenv("STADI_KUBE_CA_FILE", str(tmp_path / "ca.crt"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "1")
     monkeypatch.setenv("STADI_PROGRESS_INTERVAL", "0.5")
     return token
 
 
+def from_env() -> sr.StatusReporter | None:
+    """The reporter a rank builds from its settings (the environment)."""
+    from stadi_worker.cli.worker import status_reporter
+    from stadi_worker.settings import WorkerSettings
+
+    return status_reporter(WorkerSettings())
+
+
 def test_disabled_without_job_or_token(kube_env: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    reporter = sr.from_env()
+    reporter = from_env()
     assert reporter is not None and reporter.interval == 0.5
     reporter.close()
     kube_env.unlink()
-    with caplog.at_level(logging.WARNING, logger="stadi_worker.status_reporter"):
-        assert sr.from_env() is None
+    with caplog.at_level(logging.WARNING, logger="stadi_worker.job.status"):
+        assert from_env() is None
     assert "no ServiceAccount token" in caplog.text
     kube_env.write_text("t")
     monkeypatch.delenv("STADI_JOB_NAMESPACE")
-    assert sr.from_env() is None  # stadi run: no job object to report to
-    with sr.reporting(enabled=False) as none:
+    assert from_env() is None  # stadi run: no job object to report to
+    with sr.reporting(None) as none:
         assert none is None
 
 
 def test_in_cluster_defaults(kube_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("STADI_KUBE_API")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    reporter = sr.from_env()
+    reporter = from_env()
     assert reporter is not None
     reporter.close()
     assert reporter._send.url == (  # type: ignore[attr-defined]
         "https://[fd00::1]:443/apis/stadi.dev/v1alpha1/namespaces/team-a/diffusionjobs/cats/status")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
-    assert sr.from_env() is None
+    assert from_env() is None
 
 
 def test_compose() -> None:
@@ -266,14 +279,16 @@ def test_compose() -> None:
 
 
 @pytest.fixture
-def api() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """An API stand-in on loopback recording PATCHes; answers 403 for any other job."""
+def api(tmp_path: Path) -> Iterator[tuple[tuple[str, str], Path, list[dict[str, Any]]]]:
+    """An API stand-in on loopback, over TLS with its own CA (as an API server in a cluster), recording
+    PATCHes; answers 403 for any other job. Yields ((host, port), the CA file, what it saw)."""
     seen: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_PATCH(self) -> None:  # http.server dispatches on the method name
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            seen.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+            seen.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                         "body": json.loads(body)})
             ok = self.path.endswith("/diffusionjobs/cats/status")
             reply = b"{}" if ok else json.dumps({"kind": "Status", "message": "forbidden: not your job"}).encode()
             self.send_response(200 if ok else 403)
@@ -286,29 +301,41 @@ def api() -> Iterator[tuple[str, list[dict[str, Any]]]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ca = serve_tls(server, tmp_path)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+        yield ("127.0.0.1", str(server.server_address[1])), ca, seen
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_client_sends_a_merge_patch_with_the_token(api: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
-    url, seen = api
+def test_client_sends_a_merge_patch_with_the_token(api: tuple[tuple[str, str], Path, list[dict[str, Any]]],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pod: the ServiceAccount's token over TLS to the API server, re-read by the client library as the
+    kubelet rotates it (once its refresh period passes, made zero here)."""
+    import datetime
+
+    from kubernetes.config import incluster_config
+
+    (host, port), ca, seen = api
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    monkeypatch.setattr(incluster_config, "datetime", type("clock", (), {
+        "datetime": datetime.datetime, "timedelta": staticmethod(lambda **_: datetime.timedelta(0))}))
     token = tmp_path / "token"
-    token.write_text("tok-1\n")
-    client = sr.KubeStatusClient(url, "team-a", "cats", token)
+    token.write_text("tok-1")
+    client = sr.KubeStatusClient(sr.api_client(None, token, ca), "team-a", "cats")
     client({"status": {"progressText": "1/2 images"}})
     token.write_text("tok-2")  # rotated by the kubelet: the next request uses the new one
     client({"status": {"progressText": "2/2 images"}})
     assert [s["path"] for s in seen] == ["/apis/stadi.dev/v1alpha1/namespaces/team-a/diffusionjobs/cats/status"] * 2
-    assert seen[0]["headers"]["Content-Type"] == "application/merge-patch+json"
-    assert [s["headers"]["Authorization"] for s in seen] == ["Bearer tok-1", "Bearer tok-2"]
+    assert seen[0]["headers"]["content-type"] == "application/merge-patch+json"
+    assert [s["headers"]["authorization"].lower() for s in seen] == ["bearer tok-1", "bearer tok-2"]
     assert seen[1]["body"] == {"status": {"progressText": "2/2 images"}}
     with pytest.raises(OSError, match="HTTP 403 forbidden: not your job"):
-        sr.KubeStatusClient(url, "team-a", "dogs", token)({"status": {}})
+        sr.KubeStatusClient(sr.api_client(None, token, ca), "team-a", "dogs")({"status": {}})
 
 
 def test_a_replan_that_changed_the_plan_sets_strategy_and_gpus() -> None:

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from stadi_worker import storage
-from stadi_worker.storage import LocalStore, S3Store, StorageError, download_prefix, open_store
+from stadi_worker.job import storage
+from stadi_worker.job.storage import LocalStore, S3Store, StorageError, download_prefix, open_store
 
 from tests import s3server
 from tests.s3server import client, closed_port, list_keys, moto_subprocess
@@ -156,9 +156,11 @@ def test_s3_secret_dir_credentials(s3_endpoint: str, s3_bucket: str, tmp_path: P
     assert (creds.access_key, creds.secret_key) == ("from-secret", "from-secret-too")
     store.put("a.png", b"x")
     assert store.exists("a.png")
-    # and through the environment variable that points at the mount
+    # and through the environment variable that points at the mount (a rank's settings)
+    from stadi_worker.settings import WorkerSettings
+
     monkeypatch.setenv("STADI_CREDENTIALS_DIR", str(secret))
-    assert open_store(f"s3://{s3_bucket}/s", s3_endpoint).exists("a.png")
+    assert open_store(f"s3://{s3_bucket}/s", s3_endpoint, WorkerSettings().output_credentials()).exists("a.png")
 
 
 def test_s3_secret_dir_problems(tmp_path: Path, s3_env: dict[str, str]) -> None:

@@ -105,7 +105,7 @@ def test_replan_relieves_slow_rank(strided) -> None:
 def test_fidelity_harness_smoke(tiny_dir, model_cache: Path, tmp_path: Path) -> None:
     import json
 
-    from stadi_worker.fidelity import format_table, run_fidelity, ssim
+    from stadi_bench.fidelity import format_table, run_fidelity, ssim
 
     from stadi.api import DiffusionJobSpec
 

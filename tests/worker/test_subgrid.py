@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stadi_worker.emulate import parse_slowdown, slowdown_factor
-from stadi_worker.sampling import BandSampler, is_boundary, subgrid
+from stadi_worker.cli.emulate import parse_slowdown, slowdown_factor
+from stadi_worker.engine.sampling import BandSampler, is_boundary, subgrid
 
 STEPS, WARMUP = 10, 2
 

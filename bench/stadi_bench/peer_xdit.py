@@ -1,0 +1,163 @@
+"""The peer engine of ``stadi bench speed --peer xdit``: xDiT's 2-GPU configurations on stadi's own pipeline.
+
+Each configuration is one launch of ``stadi_bench.xdit_driver`` on the same local ranks, under the same CUDA
+MPS setting of the last rank as stadi's strategies at that level; a configuration that fails or outlasts its
+timeout is recorded with its error and log tail, and the others still run. The peer's figure at a level is its
+best configuration there. Configurations and the PipeFusion fix come from the peer-xdit kit
+(``../shared/peer-xdit``), which measured them on 2xH200.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stadi_worker.cli.ranks import python_module, rank_log, run_ranks
+
+FAMILY = "sd3"  # xDiT's pipeline wrapper used here: xFuserStableDiffusion3Pipeline
+WORLD = 2
+# xfuser CLI flags of each 2-GPU configuration
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "cfg": ("--use_cfg_parallel",),
+    "cfg-compile": ("--use_cfg_parallel", "--use_torch_compile"),
+    "pipefusion": ("--pipefusion_parallel_degree", "2"),
+    "ulysses": ("--ulysses_degree", "2"),
+    "ring": ("--ring_degree", "2"),
+}
+DRIVER = tuple(python_module("stadi_bench.xdit_driver"))
+
+
+@dataclass(frozen=True)
+class PeerJob:
+    """What every configuration generates: stadi's job of the same run, on the same pipeline directory."""
+
+    model_dir: Path
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    seed: int
+    prompt: str
+    dtype: str
+    runs: int
+    warmup_runs: int
+
+
+def parse_configs(text: str) -> list[str]:
+    """``"cfg,pipefusion"`` -> the configuration names, checked; ``"all"`` -> every one."""
+    names = list(CONFIGS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise ValueError(f"--peer-configs: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(CONFIGS)}")
+    return names
+
+
+def driver_argv(config: str, job: PeerJob, json_out: Path) -> list[str]:
+    """The driver's arguments for ``config`` (xfuser's CLI plus the driver's own)."""
+    # --warmup_steps: PipeFusion's synchronous first steps, xfuser's default and the kit's setting
+    return ["--model", str(job.model_dir), "--height", str(job.height), "--width", str(job.width),
+            "--num_inference_steps", str(job.steps), "--guidance_scale", str(job.guidance), "--seed", str(job.seed),
+            "--warmup_steps", "1", "--bench_prompt", job.prompt, "--dtype", job.dtype,
+            "--warmup_runs", str(job.warmup_runs), "--repeats", str(job.runs), "--json_out", str(json_out),
+            *CONFIGS[config]]
+
+
+def log_tail(path: Path, lines: int = 6) -> list[str]:
+    """The first distinct error lines of a rank's log, then its last lines (progress bars left out)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    keep = [ln.rstrip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and "it/s]" not in ln]
+    errors: list[str] = []
+    for ln in keep:
+        # torch.distributed's ChildFailedError/elastic summaries repeat, and hide, the rank's own error
+        if re.search(r"(Error|Exception|Killed|Terminated)\b", ln) and "elastic" not in ln \
+                and "ChildFailedError" not in ln and ln not in errors:
+            errors.append(ln)
+    return [ln[-300:] for ln in [*errors[:4], "...", *keep[-lines:]]]
+
+
+def run_config(config: str, job: PeerJob, workdir: Path, env: dict[str, str], rank_env: dict[int, dict[str, str]],
+               timeout_s: float, driver: tuple[str, ...] = DRIVER) -> dict[str, Any]:
+    """One configuration on ``WORLD`` local ranks: the driver's result, or what went wrong."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "result.json"
+    out.unlink(missing_ok=True)
+    ranks = run_ranks([*driver, *driver_argv(config, job, out)], WORLD, workdir, timeout_s, env=env,
+                      rank_env=rank_env)
+    logs = [rank_log(workdir, r) for r in range(WORLD)]
+    if ranks.ok and out.exists():
+        entry = json.loads(out.read_text())
+        entry["seconds"] = ranks.seconds
+        if entry.get("latents_finite") is False:  # fast but wrong: no candidate for the best
+            entry["error"] = "final latents not finite"
+        return entry
+    if ranks.timed_out:
+        error = f"timed out after {timeout_s:g} s"
+    elif any(ranks.codes):
+        error = f"ranks exited with codes {ranks.codes}"
+    else:
+        error = "ranks exited 0 without a result"
+    return {"error": error, "exit_codes": ranks.codes, "seconds": ranks.seconds,
+            "log_tail": {f"rank{r}": log_tail(p) for r, p in enumerate(logs)}}
+
+
+def best(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The level's entry: its fastest configuration that ran without error, and every configuration."""
+    ok = {n: c["latency_ms"] for n, c in configs.items() if "error" not in c and c.get("latency_ms")}
+    name = min(ok, key=lambda n: ok[n]) if ok else None
+    return {"best": name, "latency_ms": ok.get(name) if name else None, "configs": configs}
+
+
+def run_level(level: str, configs: list[str], job: PeerJob, workdir: Path, env: dict[str, str],
+              rank_env: dict[int, dict[str, str]], timeout_s: float, driver: tuple[str, ...] = DRIVER,
+              on_config: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every configuration at one heterogeneity level, one after the other; ``on_config`` gets the level's
+    entry so far after each (partial results survive a kill in the middle of a level)."""
+    results = {}
+    for name in configs:
+        where = workdir / f"peer-{level.replace('/', '-')}-{name}"
+        entry = run_config(name, job, where, env, rank_env, timeout_s, driver)
+        results[name] = entry
+        what = entry.get("error") or f"{entry['latency_ms'] / 1e3:.3f} s"
+        print(f"level {level}: xDiT {name}: {what} ({entry['seconds']} s)", file=sys.stderr, flush=True)
+        if on_config is not None:
+            on_config(best(results))
+    return best(results)
+
+
+def new_block(configs: list[str], timeout_s: float) -> dict[str, Any]:
+    """The result's ``peer`` block, before any level."""
+    return {"engine": "xDiT", "package": "xfuser", "family": FAMILY, "configs": configs, "timeout_s": timeout_s,
+            "version": None, "levels": {}}
+
+
+def record_level(block: dict[str, Any], level: str, entry: dict[str, Any]) -> None:
+    """Add a level's entry to the ``peer`` block (and the engine version its driver reported)."""
+    block["levels"][level] = entry
+    block["version"] = next((c["engine"] for c in entry["configs"].values() if "engine" in c), block["version"])
+
+
+def merge(peers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The peer blocks of several results as one: levels united, a later run's configuration replacing an
+    earlier one's unless only the earlier one succeeded, the best recomputed."""
+    if not peers:
+        return None
+    out = {k: v for k, v in peers[0].items() if k != "levels"}
+    levels: dict[str, dict[str, Any]] = {}
+    for peer in peers:
+        for level, entry in peer["levels"].items():
+            into = levels.setdefault(level, {})
+            for name, config in entry["configs"].items():
+                if "error" not in config or "error" in into.get(name, {"error": None}):
+                    into[name] = config
+    out["levels"] = {level: best(configs) for level, configs in levels.items()}
+    out["configs"] = list(dict.fromkeys(n for p in peers for n in p.get("configs", [])))
+    return out
