@@ -164,3 +164,24 @@ def test_pipelines_runnable_families_are_the_worker_classes() -> None:
     from stadi.families import FAMILIES, RUNNABLE
 
     assert set(RUNNABLE) == set(WORKER_FAMILIES) and set(RUNNABLE) <= set(FAMILIES)
+
+
+def test_each_family_is_one_module_behind_the_protocol(tiny_dir) -> None:
+    """The registry lists each family's ModelOps once, from its own module, with a pipeline class diffusers has;
+    a family without a stage split says so in the words the engine reports."""
+    import importlib
+
+    import diffusers
+    from stadi_worker.models import FAMILIES, family_ops
+    from stadi_worker.models.base import ModelOps
+
+    for name, ops in FAMILIES.items():
+        assert issubclass(ops, ModelOps) and ops.family == name
+        assert ops.__module__ == f"stadi_worker.models.{name}"
+        assert isinstance(getattr(diffusers, ops.pipeline_class), type)
+        assert importlib.import_module(ops.__module__).__doc__
+    with pytest.raises(ValueError, match="family 'flux' is not supported by this worker; supported: sdxl"):
+        family_ops("flux")
+    pixart = FAMILIES["pixart"](pipe=None)
+    with pytest.raises(ValueError, match="strategy hybrid has no stage split for family 'pixart'"):
+        pixart.units(16, 16)

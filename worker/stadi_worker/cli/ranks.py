@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -153,6 +154,8 @@ class Gang:
         self.stop()
 
     def start(self) -> None:
+        # elastic logs each signal it sends and each failure it sees: the outcome reports the first failure
+        logging.getLogger("torch.distributed.elastic.multiprocessing").setLevel(logging.CRITICAL)
         program, argv, envs, start_method = self._spec
         self._handlers = {int(s): signal.getsignal(s) for s in _HANDLED}
         self._started = time.monotonic()
@@ -211,15 +214,16 @@ class Gang:
             codes[rank] = failure.exitcode
             data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
             message = data.get("message")
-            text = message.get("message") if isinstance(message, dict) else message
+            text = message.get("message") if isinstance(message, dict) else None  # elastic's "<NONE>": no record
             if text:
-                records.append((float(data.get("time", failure.timestamp)), rank, str(text)))
+                records.append((float(data.get("time", failure.timestamp)), False, rank, str(text)))
             else:
                 code = failure.exitcode
                 reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                 tail = _last_line(rank_log(self.logs.dir, rank)) if self.logs.redirect else ""
-                records.append((float("inf"), rank, f"{reason}{': ' + tail if tail else ''}"))
-        first = RankFailure(*min(records)[1:]) if records else None
+                # after any rank that says why, and a rank we stopped (SIGTERM) after one that died by itself
+                records.append((float("inf"), code == -signal.SIGTERM, rank, f"{reason}{': ' + tail if tail else ''}"))
+        first = RankFailure(*min(records)[2:]) if records else None
         return RanksOutcome(codes, timed_out, self._seconds(), first, dict(result.return_values))
 
 
