@@ -1,4 +1,5 @@
-"""The re-plan after warmup may leave a slow rank out (DESIGN section 3): it idles for the rest of the image.
+"""The re-plan after warmup may leave a slow rank out (docs/architecture.md, "Execution"): it idles for the rest
+of the image.
 
 Tiny SD3 at 512 px on 2 Gloo ranks: at this size the planner keeps both CPU ranks up to a speed ratio of
 about 1.8 (a condition split) and runs the image on the fast rank alone beyond it.

@@ -1,4 +1,5 @@
-"""Strided sub-grids, sync windows and the re-plan (DESIGN section 4) on 2 Gloo ranks of a tiny SDXL."""
+"""Strided sub-grids, sync windows and the re-plan (docs/architecture.md, "Execution") on 2 Gloo ranks of a
+tiny SDXL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-rank scheduler sub-grids (DESIGN section 4): every stride's grid ends on the final timestep and
+"""Per-rank scheduler sub-grids (docs/architecture.md, "Execution"): every stride's grid ends on the final timestep and
 takes one proper step per sub-grid interval, for DDIM, Euler, DPM-Solver++ 2M and FlowMatch-Euler."""
 
 from __future__ import annotations

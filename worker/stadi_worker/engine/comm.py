@@ -13,8 +13,8 @@ collectives included, can be captured as a CUDA graph and replayed (``graphs.Ste
 stale buffers before overwriting them is safe because ``combine`` materialises a new tensor (cat, stack)
 and the side stream waits for everything the step enqueued before it.
 
-With strided sub-grids (DESIGN section 4) only window starts are shared by every rank: there the mode is
-stale (the exchange of the latest activations starts); the steps a fast rank takes inside a window are
+With strided sub-grids (docs/architecture.md, "Execution") only window starts are shared by every rank: there
+the mode is stale (the exchange of the latest activations starts); the steps a fast rank takes inside a window are
 local: no collective, the other bands' context of the last exchange.
 """
 

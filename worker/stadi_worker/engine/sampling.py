@@ -1,7 +1,7 @@
 """The sampling loop, written per rank: one scheduler instance per rank, the step index explicit.
 
-Each rank visits a sub-grid of the base timesteps (DESIGN section 4): every base step during warmup and a
-first short window, then every ``k``-th base step. The rank's private scheduler is set to that sub-grid, so
+Each rank visits a sub-grid of the base timesteps (docs/architecture.md, "Execution"): every base step during
+warmup and a first short window, then every ``k``-th base step. The rank's private scheduler is set to that sub-grid, so
 the step from ``t_i`` to ``t_{i+k}`` is one proper step of that size (for sigma schedulers the sub-grid's
 sigmas are taken from the base grid; DDIM's step is computed from the sub-grid's alphas). The sub-grid always
 ends on the base grid's final timestep.

@@ -1,4 +1,4 @@
-"""Object storage for images, manifests and model weights (DESIGN section 6).
+"""Object storage for images, manifests and model weights (docs/architecture.md, step 9 of a job's path).
 
 Two back ends behind one small interface: a local directory (plain paths and ``file://``, e.g. a mounted
 volume) and ``s3://`` through boto3 with an endpoint override (MinIO, Ceph, any S3 API).
