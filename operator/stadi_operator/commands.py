@@ -21,7 +21,7 @@ def run_operator(args: argparse.Namespace) -> int:
     """Run the operator until interrupted: one replica, so standalone (no peering objects needed)."""
     import kopf
 
-    from stadi_operator.handlers import register
+    from stadi_operator.controller.handlers import register
     from stadi_operator.settings import OperatorSettings
 
     overrides: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from stadi_operator.children import DEFAULT_WORKER_IMAGE
+from stadi_operator.controller.children import DEFAULT_WORKER_IMAGE
 
 from stadi.api import PodTemplate
 
@@ -99,7 +99,7 @@ def expand(group: str, resources: str, verbs: str) -> Iterator[tuple[str, str, s
             yield group, resource, verb
 
 
-# What the operator's code calls (kube.py, handlers.py and kopf's watches/patches), nothing more.
+# What the operator's code calls (kube.py, the controller package and kopf's watches/patches), nothing more.
 OPERATOR_JOB_RIGHTS = {
     *expand("stadi.dev", "diffusionjobs", "get list watch patch delete"),
     *expand("stadi.dev", "diffusionjobs/status", "patch"),
