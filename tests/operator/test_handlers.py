@@ -221,6 +221,26 @@ async def test_409_on_create_adopts_the_object_that_won_the_race(cluster: Cluste
     assert len(lookups) == 2
 
 
+async def test_adoption_keeps_other_owners_and_children_keep_their_own_labels(cluster: Cluster) -> None:
+    """An orphan child with a non-controller owner is adopted beside it; the job's own labels (a Kueue queue
+    name) never reach its children."""
+    cluster.add_job()
+    cluster.server.objects[JOB, NS, "cats"].patch(
+        {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu-queue"}}})
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "keeper", "uid": "uid-keeper"}
+    cluster.server.objects["v1/serviceaccounts", NS, "cats-worker"] = {
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "cats-worker", "namespace": NS, "ownerReferences": [other]}}
+    await cluster.create()
+
+    refs = cluster.live("v1/serviceaccounts")["cats-worker"]["metadata"]["ownerReferences"]
+    assert refs == [other, {"apiVersion": "stadi.dev/v1alpha1", "kind": "DiffusionJob", "name": "cats",
+                            "uid": "uid-cats", "controller": True, "blockOwnerDeletion": True}]
+    for pod in cluster.pods().values():
+        assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+        assert pod["metadata"]["labels"]["stadi.dev/job"] == "cats"
+
+
 async def test_status_goes_pending_planning_scheduling_running_succeeded(cluster: Cluster) -> None:
     cluster.add_job()
     await cluster.create()

@@ -43,9 +43,10 @@ def ensure(kube: Kube, desired: dict[str, Any], owner: ch.Owner) -> tuple[dict[s
     refs = list((current.get("metadata") or {}).get("ownerReferences") or [])
     if any(ref.get("controller") for ref in refs):
         raise ChildConflict(f"{kind} {meta['name']} exists and belongs to another controller", delay=30)
-    adopted = kube.patch(kind, meta["namespace"], meta["name"],
-                         {"metadata": {"ownerReferences": [*refs, owner.reference()]}})
-    return adopted, "adopted"
+    # A merge patch replaces the whole list: the references the object had, plus ours.
+    adoption = {"metadata": {"ownerReferences": refs}}
+    kopf.append_owner_reference(adoption, owner.body)
+    return kube.patch(kind, meta["namespace"], meta["name"], adoption), "adopted"
 
 
 def committed_plan(config_map: Mapping[str, Any] | None, owner: ch.Owner, attempt: int) -> Plan | None:
