@@ -430,7 +430,7 @@ async def test_invalid_spec_fails_once_with_the_validation_message(cluster: Clus
     assert status["phase"] == "Failed"
     valid = cluster.condition("Valid")
     assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
-    assert "parallelism.minEffectiveSteps (20) must be <= steps (10)" in valid["message"]
+    assert "spec.parallelism.minEffectiveSteps: must be <= steps (10), got 20" in valid["message"]
     assert cluster.reasons() == ["InvalidSpec"]
     assert cluster.pods() == {}
     # No retry loop: the handlers returned normally (kopf marks them done), and later runs do nothing.

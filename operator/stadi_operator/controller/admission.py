@@ -12,19 +12,16 @@ from stadi.families import not_runnable
 from stadi_operator.controller.runtime import Job
 from stadi_operator.controller.status import stamp
 
-# Worker pod names are `<job>-a<attempt>-<index>` and double as DNS labels (<= 63 characters).
-MAX_JOB_NAME = 52
-
 
 def validate(body: Mapping[str, Any]) -> tuple[DiffusionJob | None, str]:
-    """The job parsed by the pydantic model, or None and one line naming every bad field."""
+    """The job parsed by the pydantic model, or None and one line naming every bad field.
+
+    Only the name and the spec are checked: the status is the operator's and the workers' own record. The one
+    rule beyond the model is what this release's worker can run (a family may be planned but not run yet).
+    """
     meta = body.get("metadata") or {}
-    name = str(meta.get("name") or "")
-    if len(name) > MAX_JOB_NAME or not name[:1].isalpha():
-        return None, (f"metadata.name: must start with a letter and have at most {MAX_JOB_NAME} characters "
-                      "(it names the job's Service and worker pod hostnames)")
     document = {"apiVersion": API_VERSION, "kind": "DiffusionJob",
-                "metadata": {"name": name, "namespace": meta.get("namespace")},
+                "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
                 "spec": copy.deepcopy(dict(body.get("spec") or {}))}
     try:
         job = load_job(document)
