@@ -66,3 +66,4 @@ def test_kopf_settings_avoid_hanging_watches_and_status_bookkeeping() -> None:
     assert isinstance(kopf_settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert isinstance(kopf_settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert kopf_settings.posting.enabled is False
+    assert kopf_settings.background.cancellation_polling <= 5  # a job the timer deletes goes within seconds
