@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from stadi_operator.controller.children import DEFAULT_WORKER_IMAGE
@@ -143,7 +144,6 @@ def test_default_images_are_the_two_images() -> None:
 
 
 def test_values_match_their_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.validate(chart_values(), schema)
     assert schema["additionalProperties"] is False
