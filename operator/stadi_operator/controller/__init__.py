@@ -31,8 +31,8 @@ Modules, each importing only those above it:
 
 - ``children``: the manifests of an attempt's children (pure).
 - ``inventory``: the cluster's free GPUs from Nodes, pods and GPUNodes (pure).
-- ``pods``: what a worker pod's status says (phase, attempt, node, why it failed; pure).
 - ``status``: one handler run's status changes, conditions and timestamps.
+- ``pods``: what a worker pod's object says (phase, attempt, node, why it failed; pure).
 - ``gpu_book``: GPUs promised to just-created pods until kopf's pod index shows them.
 - ``indexes``: kopf's inventory indexes and the planner devices they offer a job.
 - ``runtime``: what every handler needs (settings, API adapter, book, clock) and one run's view of a job.
