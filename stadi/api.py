@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasGenerator,
     BaseModel,
     ConfigDict,
@@ -35,8 +37,20 @@ Scheduler = Literal["default", "ddim", "euler", "dpmpp-2m", "flow-euler"]
 OUTPUT_SCHEMES = ("s3", "file")
 MODEL_SCHEMES = ("s3", "file", "random")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123: the parts of a DNS subdomain
+
+# A DiffusionJob's name names its headless Service, which must be an RFC 1035 label (a letter first), and prefixes
+# its pods' host names `<job>-a<attempt>-<i>` (63-character labels). The CRD's CEL rule is built from these three.
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 JOB_NAME_MAX = 52
+JOB_NAME_RULE = (
+    f"must be a DNS label (RFC 1035): a lowercase letter first, then lowercase letters, digits and '-', ending "
+    f"with a letter or digit, at most {JOB_NAME_MAX} characters (it names the job's Service and its pods' hosts)"
+)
+# Strategies that split the two guidance branches, and those that read parallelism.hybrid.
+GUIDANCE_SPLITS = ("cfg", "stadi+cfg", "hybrid")
+HYBRID_KNOB_STRATEGIES = ("hybrid", "auto")
+HYBRID_GPUS = 2
 
 # Schema-only patterns (json_schema_extra): the CRD carries them so that the apiserver rejects what the
 # validators below reject, while pydantic keeps the validators' clearer messages. Go RE2 syntax.
@@ -44,6 +58,17 @@ SOURCE_PATTERN = r"^((s3|file)://|random://(tiny|full)$|[A-Za-z0-9][-\w.]*/[-\w.
 OUTPUT_URI_PATTERN = r"^(s3://[^/]|file:///)"
 OBJECT_URI_PATTERN = r"^(s3|file)://"
 ENDPOINT_PATTERN = r"^https?://"
+
+
+class FieldError(ValueError):
+    """A broken cross-field rule, raised by a model validator: ``field`` is the wire path, relative to the model,
+    of the field the message is about (what :func:`describe_errors` names, and what the CRD's CEL rule names in
+    its ``fieldPath``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 class Model(BaseModel):
@@ -103,7 +128,7 @@ class GpuRange(Model):
     @model_validator(mode="after")
     def _ordered(self) -> GpuRange:
         if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+            raise FieldError("min", f"must be <= max ({self.max}), got {self.min}")
         return self
 
 
@@ -207,13 +232,21 @@ class PodTemplate(Model):
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
 
 
+def _not_blank(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("blank; every prompt needs text")
+    return prompt
+
+
 class DiffusionJobSpec(Model):
     """What to generate, with which model, on how many GPUs, and where to put it."""
 
     model: ModelSource
-    # An empty list or a blank prompt is refused by the validator below; minItems and the pattern let
-    # the apiserver refuse them too.
-    prompts: list[Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"})]] | None = Field(
+    # An empty list or a blank prompt is refused by the validators; minItems and the pattern let the apiserver
+    # refuse them too.
+    prompts: list[
+        Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_not_blank)]
+    ] | None = Field(
         None,
         description="Prompts; one image per prompt (seed + index). Exactly one of prompts and promptsFrom.",
         json_schema_extra={"minItems": 1},
@@ -246,12 +279,8 @@ class DiffusionJobSpec(Model):
     @field_validator("prompts")
     @classmethod
     def _prompts(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("must hold at least one prompt")
-            for i, prompt in enumerate(value):
-                if not prompt.strip():
-                    raise ValueError(f"prompt {i} is blank; every prompt needs text")
+        if value is not None and not value:
+            raise ValueError("must hold at least one prompt")
         return value
 
     @field_validator("prompts_from")
@@ -263,39 +292,37 @@ class DiffusionJobSpec(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> DiffusionJobSpec:
+        # Each rule names its field as the CRD's CEL rule does (stadi.crd), and tests/validation_cases.py holds
+        # a case of each that pydantic, the operator and the API server must all refuse naming that field.
         if (self.prompts is None) == (self.prompts_from is None):
-            raise ValueError("set exactly one of prompts or promptsFrom")
+            raise FieldError("prompts", "set exactly one of prompts or promptsFrom")
         fam = profile(self.model.family)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value % fam.pixel_multiple:
-                raise ValueError(
-                    f"{name} {value} is not a multiple of {fam.pixel_multiple} "
-                    f"(the {self.model.family} band granularity: {fam.granularity} latent rows of "
-                    f"{fam.vae_factor} px)"
-                )
+                raise FieldError(name,
+                                 f"{name} {value} is not a multiple of {fam.pixel_multiple} "
+                                 f"(the {self.model.family} band granularity: {fam.granularity} latent rows of "
+                                 f"{fam.vae_factor} px)")
         p = self.parallelism
         if p.warmup_steps is not None and p.warmup_steps > self.steps:
-            raise ValueError(
-                f"parallelism.warmupSteps ({p.warmup_steps}) must be <= steps ({self.steps})"
-            )
+            raise FieldError("parallelism.warmupSteps", f"must be <= steps ({self.steps}), got {p.warmup_steps}")
         if p.min_effective_steps is not None and p.min_effective_steps > self.steps:
-            raise ValueError(
-                f"parallelism.minEffectiveSteps ({p.min_effective_steps}) must be <= steps ({self.steps})"
-            )
-        if p.strategy in ("cfg", "stadi+cfg", "hybrid") and not self.uses_cfg:
-            raise ValueError(
-                f"parallelism.strategy {p.strategy!r} splits the guidance branches and needs guidanceScale > 1"
-            )
+            raise FieldError("parallelism.minEffectiveSteps",
+                             f"must be <= steps ({self.steps}), got {p.min_effective_steps}")
+        if p.strategy in GUIDANCE_SPLITS and not self.uses_cfg:
+            raise FieldError("parallelism.strategy", f"{p.strategy!r} splits the guidance branches and needs "
+                             f"guidanceScale > 1, got {self.guidance_scale:g}")
         if p.strategy == "hybrid":
             if self.model.family not in HYBRID_DEFAULTS:
-                raise ValueError(f"parallelism.strategy 'hybrid' splits the denoiser of {', '.join(HYBRID_DEFAULTS)} "
-                                 f"models only, not {self.model.family!r}")
-            if not p.gpus.min <= 2 <= p.gpus.max:
-                raise ValueError(f"parallelism.strategy 'hybrid' runs on exactly 2 GPUs; parallelism.gpus allows "
-                                 f"{p.gpus.min} to {p.gpus.max}")
-        if p.hybrid is not None and p.strategy not in ("hybrid", "auto"):
-            raise ValueError(f"parallelism.hybrid applies to strategy hybrid or auto, not {p.strategy!r}")
+                raise FieldError("parallelism.strategy", f"'hybrid' splits the denoiser of "
+                                 f"{', '.join(HYBRID_DEFAULTS)} models only, not {self.model.family!r}")
+            if not p.gpus.min <= HYBRID_GPUS <= p.gpus.max:
+                raise FieldError("parallelism.gpus", f"strategy 'hybrid' runs on exactly {HYBRID_GPUS} GPUs; "
+                                 f"min {p.gpus.min} to max {p.gpus.max} does not allow {HYBRID_GPUS}")
+        if p.hybrid is not None and p.strategy not in HYBRID_KNOB_STRATEGIES:
+            raise FieldError("parallelism.hybrid",
+                             f"applies to strategy {' or '.join(HYBRID_KNOB_STRATEGIES)}, not {p.strategy!r}")
         return self
 
     @property
@@ -343,16 +370,13 @@ class Metadata(BaseModel):
 
 
 class JobMetadata(Metadata):
-    """A DiffusionJob's name prefixes its pods' host names (`<job>-a<attempt>-<i>`, a 63-character DNS
-    label) and names its headless Service, so it must be a DNS label of at most 52 characters."""
+    """A DiffusionJob's name names its headless Service and prefixes its pods' host names: see JOB_NAME_RULE."""
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) > JOB_NAME_MAX or not _DNS_LABEL.match(value)):
-            raise ValueError(
-                f"must be a DNS label: lowercase letters, digits and '-', at most {JOB_NAME_MAX} characters"
-            )
+        if value is not None and (len(value) > JOB_NAME_MAX or not re.match(JOB_NAME_PATTERN, value)):
+            raise ValueError(JOB_NAME_RULE)
         return value
 
 
@@ -604,17 +628,30 @@ class GPUNode(Model):
 # --- errors ---------------------------------------------------------------------------------------------
 
 
-def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
-    """One line per problem: the field path in wire (camelCase) form, then what is allowed."""
+def field_path(parts: Iterable[str | int]) -> str:
+    """A field path as Kubernetes writes it: ``spec.prompts[1]``, ``spec.parallelism.gpus.min``."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem: the field path in wire (camelCase) form, as the API server writes it, then what
+    is allowed."""
     lines = []
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        parts: list[str | int] = [part for part in item["loc"] if not str(part).startswith("function-")]
+        cause = (item.get("ctx") or {}).get("error")
         message = item["msg"].removeprefix("Value error, ")
+        if isinstance(cause, FieldError):
+            parts += cause.field.split(".")
+            message = cause.message
+        path = field_path(parts)
         if item["type"] == "extra_forbidden":
             message = "unknown field"
         elif item["type"] == "literal_error" and "expected" in item.get("ctx", {}):
             message = f"must be one of {item['ctx']['expected']}"
-        path = f"{prefix}.{loc}" if prefix and loc else (loc or prefix)
         lines.append(f"{path}: {message}" if path else message)
     return lines
 

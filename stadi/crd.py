@@ -6,12 +6,15 @@ flag. :func:`structural` does that conversion and refuses any construct it does 
 change that cannot be expressed fails here instead of at ``kubectl apply``.
 
 Cross-field rules the models check in Python are repeated as CEL (``x-kubernetes-validations``) so that the
-apiserver rejects such objects with a message naming the field.
+apiserver rejects such objects naming the field: each rule's ``fieldPath`` is the field the model's
+:class:`~stadi.api.FieldError` names, its constants come from :mod:`stadi.api` and :mod:`stadi.families`, and
+tests/validation_cases.py runs one table of jobs through pydantic, the operator and a real API server.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,10 @@ def _field(model: type[BaseModel], name: str, path: str = "self") -> str:
     return f"(has({path}.{wire}) ? {path}.{wire} : {_cel_default(info.default)})"
 
 
+def _cel_list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(_cel_default(v) for v in values) + "]"
+
+
 def _granularity_rule(dimension: str) -> dict[str, str]:
     multiples = {family: PROFILES[family].pixel_multiple for family in sorted(PROFILES)}
     table = "{" + ", ".join(f"'{f}': {m}" for f, m in multiples.items()) + "}"
@@ -82,6 +89,7 @@ def _granularity_rule(dimension: str) -> dict[str, str]:
         "rule": f"!(self.model.family in {table}) || {value} % {table}[self.model.family] == 0",
         "message": f"spec.{dimension} must be a multiple of the model family's band granularity in pixels "
         f"({listed})",
+        "fieldPath": f".{dimension}",
     }
 
 
@@ -96,41 +104,55 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
     gpus = "self.parallelism.gpus"
     gpu_min = f"(has({gpus}) ? {_field(api.GpuRange, 'min', gpus)} : {api.GpuRange().min})"
     gpu_max = f"(has({gpus}) ? {_field(api.GpuRange, 'max', gpus)} : {api.GpuRange().max})"
+    hybrid = f"!has(self.parallelism) || {strategy} != 'hybrid'"
     return {
         "GpuRange": [
             {
                 "rule": f"{_field(api.GpuRange, 'min')} <= {_field(api.GpuRange, 'max')}",
                 "message": "spec.parallelism.gpus.min must be <= spec.parallelism.gpus.max",
+                "fieldPath": ".min",
             }
         ],
         "DiffusionJobSpec": [
             {
                 "rule": "has(self.prompts) != has(self.promptsFrom)",
                 "message": "set exactly one of spec.prompts or spec.promptsFrom",
+                "fieldPath": ".prompts",
             },
             {
                 "rule": f"!has(self.parallelism) || !has({warmup}) || {warmup} <= {steps}",
                 "message": "spec.parallelism.warmupSteps must be <= spec.steps",
+                "fieldPath": ".parallelism.warmupSteps",
             },
             {
                 "rule": f"!has(self.parallelism) || !has({min_effective}) || {min_effective} <= {steps}",
                 "message": "spec.parallelism.minEffectiveSteps must be <= spec.steps",
+                "fieldPath": ".parallelism.minEffectiveSteps",
             },
             {
-                "rule": f"!has(self.parallelism) || !({strategy} in ['cfg', 'stadi+cfg', 'hybrid']) || "
+                "rule": f"!has(self.parallelism) || !({strategy} in {_cel_list(api.GUIDANCE_SPLITS)}) || "
                 f"{_field(spec, 'guidance_scale')} > 1.0",
-                "message": "spec.parallelism.strategy cfg, stadi+cfg and hybrid split the guidance branches and "
-                "need spec.guidanceScale > 1",
+                "message": f"spec.parallelism.strategy {', '.join(api.GUIDANCE_SPLITS)} split the guidance branches "
+                "and need spec.guidanceScale > 1",
+                "fieldPath": ".parallelism.strategy",
             },
             {
-                "rule": f"!has(self.parallelism) || {strategy} != 'hybrid' || "
-                f"(self.model.family in {sorted(HYBRID_DEFAULTS)} && {gpu_min} <= 2 && 2 <= {gpu_max})",
-                "message": "spec.parallelism.strategy hybrid runs on exactly 2 GPUs (parallelism.gpus must allow 2) "
-                f"and splits the denoiser of {' and '.join(sorted(HYBRID_DEFAULTS))} models only",
+                "rule": f"{hybrid} || self.model.family in {_cel_list(sorted(HYBRID_DEFAULTS))}",
+                "message": "spec.parallelism.strategy hybrid splits the denoiser of "
+                f"{' and '.join(sorted(HYBRID_DEFAULTS))} models only",
+                "fieldPath": ".parallelism.strategy",
             },
             {
-                "rule": f"!has(self.parallelism) || !has(self.parallelism.hybrid) || {strategy} in ['hybrid', 'auto']",
-                "message": "spec.parallelism.hybrid applies to strategy hybrid or auto",
+                "rule": f"{hybrid} || ({gpu_min} <= {api.HYBRID_GPUS} && {api.HYBRID_GPUS} <= {gpu_max})",
+                "message": f"spec.parallelism.gpus must allow {api.HYBRID_GPUS}: strategy hybrid runs on exactly "
+                f"{api.HYBRID_GPUS} GPUs",
+                "fieldPath": ".parallelism.gpus",
+            },
+            {
+                "rule": f"!has(self.parallelism) || !has(self.parallelism.hybrid) || "
+                f"{strategy} in {_cel_list(api.HYBRID_KNOB_STRATEGIES)}",
+                "message": f"spec.parallelism.hybrid applies to strategy {' or '.join(api.HYBRID_KNOB_STRATEGIES)}",
+                "fieldPath": ".parallelism.hybrid",
             },
             _granularity_rule("height"),
             _granularity_rule("width"),
@@ -142,14 +164,14 @@ def _root_rules(model: type[BaseModel]) -> list[dict[str, str]]:
     """Rules on the whole object: the model restricts metadata.name further than the apiserver does."""
     if model is not api.DiffusionJob:
         return []
-    # The apiserver alone allows any DNS subdomain (dots, 253 characters); the job's name must also fit
-    # in its pods' host names.
+    # The apiserver alone allows any DNS subdomain (dots, 253 characters, a digit first); the job's name also
+    # names its Service and prefixes its pods' host names. A rule on metadata cannot carry a fieldPath (the
+    # schema declares none of metadata's fields), so the message names it.
     return [
         {
             "rule": f"!has(self.metadata.name) || (size(self.metadata.name) <= {api.JOB_NAME_MAX} && "
-            f"self.metadata.name.matches('{api._DNS_LABEL.pattern}'))",
-            "message": "metadata.name must be a DNS label: lowercase letters, digits and '-', at most "
-            f"{api.JOB_NAME_MAX} characters",
+            f"self.metadata.name.matches({_cel_default(api.JOB_NAME_PATTERN)}))",
+            "message": f"metadata.name {api.JOB_NAME_RULE}",
         }
     ]
 

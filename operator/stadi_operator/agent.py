@@ -311,16 +311,13 @@ class Agent:
 
 
 def kube_api(kubeconfig: str | None = None) -> Any:
-    """A CustomObjectsApi from the pod's service account, else from ``kubeconfig`` / KUBECONFIG /
-    ~/.kube/config; its own Configuration (no process-wide client state)."""
-    from kubernetes import client, config
+    """A CustomObjectsApi of the operator package's one client factory: the pod's service account, else
+    ``kubeconfig`` / KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    return client.CustomObjectsApi(client.ApiClient(configuration))
+    from stadi_operator.kube import api_client
+
+    return client.CustomObjectsApi(api_client(kubeconfig))
 
 
 def _positive(text: str) -> float:

@@ -1,5 +1,5 @@
-"""The control plane's subcommands of ``stadi``: ``operator`` (kopf), ``dev-cluster`` and, when its module
-exists, ``agent``.
+"""The control plane's subcommands of ``stadi``: ``operator`` (kopf), ``agent`` (the node agent) and
+``dev-cluster``.
 
 Loaded by ``stadi.cli`` through the ``stadi.commands`` entry-point group; kopf and the kubernetes client are
 imported only when a command runs, so ``stadi --help`` stays fast.
@@ -8,20 +8,14 @@ imported only when a command runs, so ``stadi --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
-
-AGENT_MODULE = "stadi_operator.agent"
 
 
 def run_operator(args: argparse.Namespace) -> int:
     """Run the operator until interrupted: one replica, so standalone (no peering objects needed)."""
     import kopf
 
-    from stadi_operator.handlers import register
+    from stadi_operator.controller.handlers import register
     from stadi_operator.settings import OperatorSettings
 
     overrides: dict[str, Any] = {}
@@ -43,15 +37,6 @@ def run_operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_agent(subparsers: Any) -> None:
-    """Hook for ``stadi agent``: its module adds its own parser (``add_parser(subparsers)``); until that
-    module exists the command is simply absent."""
-    if importlib.util.find_spec(AGENT_MODULE) is None:
-        return
-    module = importlib.import_module(AGENT_MODULE)
-    module.add_parser(subparsers)
-
-
 def register_dev_cluster(subparsers: Any) -> None:
     """``stadi dev-cluster prepare|up|down|status``: a local control plane with fake GPU nodes (standard library
     only at import, so registering it costs nothing)."""
@@ -61,7 +46,9 @@ def register_dev_cluster(subparsers: Any) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``operator`` (and ``agent`` when available) to the ``stadi`` command."""
+    """Add ``operator``, ``agent`` and ``dev-cluster`` to the ``stadi`` command."""
+    from stadi_operator.agent import add_parser as add_agent_parser
+
     op = subparsers.add_parser(
         "operator", help="run the DiffusionJob operator (kopf)",
         description="Watch DiffusionJobs, plan them on the cluster's free GPUs and run their worker pods. "
@@ -73,5 +60,5 @@ def register(subparsers: Any) -> None:
                     help="no peering with other operator replicas (default: on; one replica needs none)")
     op.add_argument("--liveness", type=int, metavar="PORT", help="serve /healthz on this port")
     op.set_defaults(func=run_operator)
-    register_agent(subparsers)
+    add_agent_parser(subparsers)
     register_dev_cluster(subparsers)

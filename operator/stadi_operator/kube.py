@@ -1,8 +1,14 @@
-"""A thin, synchronous adapter over the ``kubernetes`` client for the objects the operator owns.
+"""The operator's and the node agent's access to the Kubernetes API, through the official ``kubernetes`` client.
 
-Objects go in and come out as plain dicts in wire form (camelCase), the form the pure builders produce and the
-tests assert on, so the typed models of the client are skipped (``_preload_content=False``-style raw JSON).
-One instance is built at startup and handed to the handlers through kopf's ``memo``.
+:func:`api_client` is the one way this package builds an ``ApiClient``: the pod's ServiceAccount in a cluster
+(the library re-reads the projected token, which the kubelet rotates), else a kubeconfig; each client has its
+own ``Configuration``, so nothing is process-wide state.
+
+:class:`Kube` is the controller's adapter over that client: objects go in and come out as plain dicts in wire
+form (camelCase), the form the pure builders produce and the tests assert on. The client's API classes
+(CoreV1Api, RbacAuthorizationV1Api, CustomObjectsApi) build every request; the typed models validate what
+is created (a misspelt field fails here rather than being dropped by the API server), and answers are read
+raw (``_preload_content=False``) instead of being turned into models.
 """
 
 from __future__ import annotations
@@ -15,102 +21,103 @@ from datetime import datetime
 from typing import Any
 
 from kubernetes import client as k8s
+from kubernetes import config
 from kubernetes.client.exceptions import ApiException
+
+from stadi.api import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 
 
+def api_client(kubeconfig: str | None = None) -> k8s.ApiClient:
+    """A client of the pod's ServiceAccount when running in a cluster, else of ``kubeconfig`` (default:
+    KUBECONFIG, else ~/.kube/config). An explicit ``kubeconfig`` wins over the ServiceAccount."""
+    configuration = k8s.Configuration()
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration, try_refresh_token=True)
+            return k8s.ApiClient(configuration)
+        except config.ConfigException:
+            pass  # not in a pod (or no ServiceAccount token mounted): the kubeconfig says where to go
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return k8s.ApiClient(configuration)
+
+
 @dataclass(frozen=True)
-class Resource:
-    """Where a kind lives in the REST API."""
+class Builtin:
+    """A kind the client has typed methods for: ``<verb>_namespaced_<noun>`` of ``api``."""
 
-    prefix: str  # "api/v1" or "apis/<group>/<version>"
+    api: type[Any]
+    noun: str
+
+    def call(self, client: k8s.ApiClient, verb: str, namespace: str, **kwargs: Any) -> Any:
+        return getattr(self.api(client), f"{verb}_namespaced_{self.noun}")(namespace=namespace, **kwargs)
+
+
+@dataclass(frozen=True)
+class Custom:
+    """A custom resource, reached through ``CustomObjectsApi`` (which reads where Builtin says read)."""
+
+    group: str
+    version: str
     plural: str
-    namespaced: bool = True
 
-    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
-        parts = [self.prefix]
-        if self.namespaced and namespace:
-            parts += ["namespaces", namespace]
-        parts.append(self.plural)
-        if name:
-            parts.append(name)
-        if subresource:
-            parts.append(subresource)
-        return "/" + "/".join(parts)
+    def call(self, client: k8s.ApiClient, verb: str, namespace: str, **kwargs: Any) -> Any:
+        method = getattr(k8s.CustomObjectsApi(client), f"{'get' if verb == 'read' else verb}_namespaced_custom_object")
+        return method(group=self.group, version=self.version, namespace=namespace, plural=self.plural, **kwargs)
 
 
-RESOURCES: dict[str, Resource] = {
-    "ConfigMap": Resource("api/v1", "configmaps"),
-    "Service": Resource("api/v1", "services"),
-    "ServiceAccount": Resource("api/v1", "serviceaccounts"),
-    "Pod": Resource("api/v1", "pods"),
-    "Event": Resource("api/v1", "events"),
-    "Role": Resource("apis/rbac.authorization.k8s.io/v1", "roles"),
-    "RoleBinding": Resource("apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    "PodGroup": Resource("apis/scheduling.volcano.sh/v1beta1", "podgroups"),
-    "DiffusionJob": Resource("apis/stadi.dev/v1alpha1", "diffusionjobs"),
+RESOURCES: dict[str, Builtin | Custom] = {
+    "ConfigMap": Builtin(k8s.CoreV1Api, "config_map"),
+    "Service": Builtin(k8s.CoreV1Api, "service"),
+    "ServiceAccount": Builtin(k8s.CoreV1Api, "service_account"),
+    "Pod": Builtin(k8s.CoreV1Api, "pod"),
+    "Event": Builtin(k8s.CoreV1Api, "event"),
+    "Role": Builtin(k8s.RbacAuthorizationV1Api, "role"),
+    "RoleBinding": Builtin(k8s.RbacAuthorizationV1Api, "role_binding"),
+    "PodGroup": Custom("scheduling.volcano.sh", "v1beta1", "podgroups"),
+    "DiffusionJob": Custom(GROUP, VERSION, "diffusionjobs"),
 }
 
 
-def is_conflict(error: ApiException) -> bool:
-    return error.status == 409
-
-
 class Kube:
-    """Get, list, create, patch and delete objects by kind; raw dicts in and out."""
+    """Get, list, create, patch and delete namespaced objects by kind; raw dicts in and out. Every failed call
+    raises the client's ``ApiException`` (status, reason, body)."""
 
-    def __init__(self, api_client: k8s.ApiClient, timeout: float = 30.0) -> None:
-        self.api_client = api_client
+    def __init__(self, client: k8s.ApiClient, timeout: float = 30.0) -> None:
+        self.client = client
         self.timeout = timeout
 
     @classmethod
     def from_environment(cls, timeout: float = 30.0) -> Kube:
         """In-cluster configuration when running in a pod, else the local kubeconfig."""
-        from kubernetes import config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return cls(k8s.ApiClient(), timeout)
+        return cls(api_client(), timeout)
 
     @classmethod
     def for_host(cls, host: str, timeout: float = 30.0) -> Kube:
         """An unauthenticated client of one URL (tests against an emulated API server)."""
-        configuration = k8s.Configuration(host=host)
-        return cls(k8s.ApiClient(configuration), timeout)
+        return cls(k8s.ApiClient(k8s.Configuration(host=host)), timeout)
 
-    def request(
-        self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any]:
-        """One API call; raises ``ApiException`` (status, reason, body) on any non-2xx answer."""
-        serialized = self.api_client.param_serialize(
-            method, path, query_params=list((query or {}).items()),
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body, auth_settings=["BearerToken"],
-        )
-        response = self.api_client.call_api(*serialized, _request_timeout=self.timeout)
-        data = response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=data.decode(errors="replace"), data=None)
-        return json.loads(data) if data else {}
+    def _call(self, kind: str, verb: str, namespace: str, **kwargs: Any) -> dict[str, Any]:
+        response = RESOURCES[kind].call(self.client, verb, namespace, _preload_content=False,
+                                        _request_timeout=self.timeout, **kwargs)
+        return json.loads(response.data) if response.data else {}
 
-    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when there is none."""
         try:
-            return self.request("GET", RESOURCES[kind].path(namespace, name))
+            return self._call(kind, "read", namespace, name=name)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str | None, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    def list(self, kind: str, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Objects of a kind, filtered by labels on the server and again here (cheap, and exact)."""
-        query = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
-        items = self.request("GET", RESOURCES[kind].path(namespace), query=query).get("items") or []
+        selector = ",".join(f"{k}={v}" for k, v in labels.items()) if labels else None
+        items = self._call(kind, "list", namespace, label_selector=selector).get("items") or []
         wanted = labels or {}
         return [
             item for item in items
@@ -118,21 +125,17 @@ class Kube:
         ]
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        meta = body["metadata"]
-        return self.request("POST", RESOURCES[body["kind"]].path(meta.get("namespace")), body=body)
+        """Create the object in its metadata's namespace; the stored object comes back."""
+        return self._call(body["kind"], "create", body["metadata"]["namespace"], body=body)
 
-    def patch(
-        self, kind: str, namespace: str | None, name: str, body: dict[str, Any], subresource: str | None = None
-    ) -> dict[str, Any]:
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch (RFC 7386): dicts merge, lists are replaced, None deletes."""
-        path = RESOURCES[kind].path(namespace, name, subresource)
-        return self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
+        return self._call(kind, "patch", namespace, name=name, body=body, _content_type=MERGE_PATCH)
 
-    def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete in the background (children go through the garbage collector); False if already gone."""
         try:
-            self.request("DELETE", RESOURCES[kind].path(namespace, name),
-                         body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            self._call(kind, "delete", namespace, name=name, propagation_policy="Background")
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -141,10 +144,13 @@ class Kube:
 
     def has_resource(self, group_version: str, plural: str) -> bool:
         """Whether the API serves a resource (discovery needs no RBAC beyond being authenticated)."""
+        group, version = group_version.split("/")
         try:
-            found = self.request("GET", f"/apis/{group_version}")
+            response = k8s.CustomObjectsApi(self.client).get_api_resources(
+                group, version, _preload_content=False, _request_timeout=self.timeout)
         except ApiException:
             return False
+        found = json.loads(response.data) if response.data else {}
         return any(r.get("name") == plural for r in found.get("resources") or [])
 
     def event(

@@ -68,6 +68,10 @@ class OperatorSettings(BaseSettings):
         settings.networking.connect_timeout = self.watch_connect_timeout
         settings.execution.max_workers = 8  # sync handlers run in threads; a few suffice for one replica
         settings.queueing.error_delays = (1, 5, 10, 30, 60)
+        # The reconcile timer deletes a job past its ttlSecondsAfterFinished from inside its own run, so kopf finds
+        # it still running when the deletion arrives and keeps its finalizer until the next check: every 60 s by
+        # default, which would leave the job Terminating for a minute.
+        settings.background.cancellation_polling = 2.0
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=ANNOTATION_PREFIX, key="last-handled-configuration"

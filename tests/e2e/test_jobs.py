@@ -332,7 +332,21 @@ def test_delete_job_garbage_collects_children(stadi: Stadi, dev_cluster: DevClus
     assert stadi.kubectl("get", "dj", "doomed", "-n", JOBS_NS, check=False).returncode != 0
 
 
-def test_operator_never_refused(stadi: Stadi) -> None:
-    """After all of the above, the operator has not hit a single 403: the chart's RBAC covers what it does."""
+def test_operator_never_refused(stadi: Stadi, cleanup: list[str]) -> None:
+    """The operator drives a job of its own through every kind of call it makes (children, events, status, pod
+    deletion, the TTL's delete of the job) and is never refused: the chart's RBAC covers what it does. Run after
+    the tests above, the log also covers theirs."""
+    manifest = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-sdxl.yaml").read_text())
+    manifest["metadata"]["name"] = "rbac-probe"
+    manifest["spec"]["ttlSecondsAfterFinished"] = 1
+    cleanup.append("rbac-probe")
+    stadi.cluster.apply(manifest, "-n", JOBS_NS)
+    wait_phase(stadi, "rbac-probe", "Running")
+    finish_pods(stadi, pods(stadi, "rbac-probe", 1))
+    wait_phase(stadi, "rbac-probe", "Succeeded")
+    stadi.cluster.wait_for(
+        lambda: stadi.kubectl("get", "dj", "rbac-probe", "-n", JOBS_NS, check=False).returncode != 0, WAIT,
+        "the operator deleting rbac-probe after its ttlSecondsAfterFinished")
+
     stadi.assert_operator_alive()
     assert not stadi.forbidden_in_operator_log(), "\n".join(stadi.forbidden_in_operator_log()[:20])

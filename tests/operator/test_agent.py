@@ -18,8 +18,6 @@ from stadi_operator.nvml import NvmlSession, decode_throttle_reasons, gfd_produc
 
 from stadi.api import GpuNodeStatus
 
-pytest.importorskip("kmock")
-
 GPUNODES = "/apis/stadi.dev/v1alpha1/gpunodes"
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from stadi_operator import children as ch
+from stadi_operator.controller import children as ch
 
 from stadi.api import DiffusionJobSpec, Plan, RankPlan, load_job
 

@@ -39,12 +39,11 @@ def test_operator_without_namespaces_is_clusterwide(monkeypatch: pytest.MonkeyPa
     assert seen["clusterwide"] is True and seen["liveness_endpoint"] is None
 
 
-def test_agent_hook_is_skipped_while_its_module_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(commands, "AGENT_MODULE", "stadi_operator.no_such_agent")
+def test_every_control_plane_command_is_registered() -> None:
     root = argparse.ArgumentParser()
     sub = root.add_subparsers(dest="command")
     commands.register(sub)
-    assert "operator" in sub.choices and "agent" not in sub.choices
+    assert {"operator", "agent", "dev-cluster"} <= set(sub.choices)
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,3 +65,4 @@ def test_kopf_settings_avoid_hanging_watches_and_status_bookkeeping() -> None:
     assert isinstance(kopf_settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert isinstance(kopf_settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert kopf_settings.posting.enabled is False
+    assert kopf_settings.background.cancellation_polling <= 5  # a job the timer deletes goes within seconds

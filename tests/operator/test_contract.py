@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 import yaml
-from stadi_operator import children as ch
-from stadi_operator import inventory
+from stadi_operator.controller import children as ch
+from stadi_operator.controller import inventory
 
 from stadi.api import load_job
 from stadi.planner import plan_job

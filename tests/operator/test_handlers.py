@@ -17,9 +17,11 @@ from typing import Any
 import kmock as kmocklib
 import kopf
 import pytest
-from stadi_operator import handlers
-from stadi_operator.handlers import Runtime
-from stadi_operator.inventory import PodUsage, node_info, pod_usage
+from stadi_operator.controller import handlers
+from stadi_operator.controller.adoption import ensure
+from stadi_operator.controller.gpu_book import GpuBook
+from stadi_operator.controller.inventory import PodUsage, node_info, pod_usage
+from stadi_operator.controller.runtime import Runtime
 from stadi_operator.kube import Kube
 from stadi_operator.settings import OperatorSettings
 
@@ -197,7 +199,7 @@ async def test_restart_before_the_status_was_written_adopts_instead_of_duplicati
 async def test_409_on_create_adopts_the_object_that_won_the_race(cluster: Cluster) -> None:
     cluster.add_job()
     await cluster.call(handlers.admit)
-    from stadi_operator import children as ch
+    from stadi_operator.controller import children as ch
 
     owner = ch.Owner("cats", NS, "uid-cats")
     sa = ch.service_account(owner)
@@ -213,10 +215,30 @@ async def test_409_on_create_adopts_the_object_that_won_the_race(cluster: Cluste
         return cluster.server.objects[key].raw
 
     cluster.server["get", kmocklib.resource("v1/serviceaccounts"), kmocklib.name("cats-worker")] << racing_lookup
-    obj, what = await asyncio.to_thread(handlers.ensure, cluster.runtime.kube, sa, owner)
+    obj, what = await asyncio.to_thread(ensure, cluster.runtime.kube, sa, owner)
     assert what == "exists" and obj["metadata"]["name"] == "cats-worker"
     assert cluster.creations("v1/serviceaccounts") == 1  # the one that got 409
     assert len(lookups) == 2
+
+
+async def test_adoption_keeps_other_owners_and_children_keep_their_own_labels(cluster: Cluster) -> None:
+    """An orphan child with a non-controller owner is adopted beside it; the job's own labels (a Kueue queue
+    name) never reach its children."""
+    cluster.add_job()
+    cluster.server.objects[JOB, NS, "cats"].patch(
+        {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu-queue"}}})
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "keeper", "uid": "uid-keeper"}
+    cluster.server.objects["v1/serviceaccounts", NS, "cats-worker"] = {
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "cats-worker", "namespace": NS, "ownerReferences": [other]}}
+    await cluster.create()
+
+    refs = cluster.live("v1/serviceaccounts")["cats-worker"]["metadata"]["ownerReferences"]
+    assert refs == [other, {"apiVersion": "stadi.dev/v1alpha1", "kind": "DiffusionJob", "name": "cats",
+                            "uid": "uid-cats", "controller": True, "blockOwnerDeletion": True}]
+    for pod in cluster.pods().values():
+        assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+        assert pod["metadata"]["labels"]["stadi.dev/job"] == "cats"
 
 
 async def test_status_goes_pending_planning_scheduling_running_succeeded(cluster: Cluster) -> None:
@@ -408,7 +430,7 @@ async def test_invalid_spec_fails_once_with_the_validation_message(cluster: Clus
     assert status["phase"] == "Failed"
     valid = cluster.condition("Valid")
     assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
-    assert "parallelism.minEffectiveSteps (20) must be <= steps (10)" in valid["message"]
+    assert "spec.parallelism.minEffectiveSteps: must be <= steps (10), got 20" in valid["message"]
     assert cluster.reasons() == ["InvalidSpec"]
     assert cluster.pods() == {}
     # No retry loop: the handlers returned normally (kopf marks them done), and later runs do nothing.
@@ -516,7 +538,7 @@ async def test_registration_wires_every_handler() -> None:
 async def test_gpu_book_holds_created_pods_until_the_index_shows_them() -> None:
     """Pods created by one launch count against their node for the next launch even before the pod index
     has them (jobs applied at once must not all pick the same free GPUs), and only once after it does."""
-    book = handlers.GpuBook()
+    book = GpuBook()
     pod = {"metadata": {"name": "j-a1-0", "namespace": "ns", "labels": {"stadi.dev/job": "j"}},
            "spec": {"nodeSelector": {"kubernetes.io/hostname": "gpu-a"},
                     "containers": [{"name": "worker", "resources": {"limits": {"nvidia.com/gpu": "2"}}}]}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from stadi_operator.inventory import (
+from stadi_operator.controller.inventory import (
     NodeInfo,
     PodUsage,
     Telemetry,

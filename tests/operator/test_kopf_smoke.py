@@ -10,8 +10,8 @@ from typing import Any
 import kmock as kmocklib
 import kopf
 import pytest
-from stadi_operator import handlers
-from stadi_operator.handlers import Runtime
+from stadi_operator.controller import handlers
+from stadi_operator.controller.runtime import Runtime
 from stadi_operator.kube import Kube
 from stadi_operator.settings import OperatorSettings
 

@@ -19,9 +19,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
-from stadi_operator.children import DEFAULT_WORKER_IMAGE
+from stadi_operator.controller.children import DEFAULT_WORKER_IMAGE
 
 from stadi.api import PodTemplate
 
@@ -99,7 +100,7 @@ def expand(group: str, resources: str, verbs: str) -> Iterator[tuple[str, str, s
             yield group, resource, verb
 
 
-# What the operator's code calls (kube.py, handlers.py and kopf's watches/patches), nothing more.
+# What the operator's code calls (kube.py, the controller package and kopf's watches/patches), nothing more.
 OPERATOR_JOB_RIGHTS = {
     *expand("stadi.dev", "diffusionjobs", "get list watch patch delete"),
     *expand("stadi.dev", "diffusionjobs/status", "patch"),
@@ -143,7 +144,6 @@ def test_default_images_are_the_two_images() -> None:
 
 
 def test_values_match_their_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.validate(chart_values(), schema)
     assert schema["additionalProperties"] is False

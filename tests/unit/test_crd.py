@@ -15,7 +15,8 @@ import yaml
 from stadi import api
 from stadi.crd import build_crds, render_crds, write_crds
 from stadi.families import PROFILES
-from tests.unit.test_api_validation import BAD, GOOD
+from tests.unit.test_api_validation import GOOD
+from tests.validation_cases import INVALID, Invalid
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIRS = [ROOT / "manifests" / "crds", ROOT / "charts" / "stadi" / "crds"]
@@ -314,10 +315,14 @@ def test_cel_rules_cover_the_cross_field_checks() -> None:
 
 
 def test_cel_rules_name_their_field() -> None:
-    for group in rules_at(schema_of("DiffusionJob")).values():
+    """Every rule names its field in its message, and the rules on the spec also in their fieldPath (where the
+    API server reports the error); a rule on metadata cannot have one (the schema declares no metadata fields)."""
+    for path, group in rules_at(schema_of("DiffusionJob")).items():
         for rule in group:
             assert re.search(r"\b(spec|metadata)\.[a-zA-Z]", rule["message"]), rule
-            assert set(rule) == {"rule", "message"}
+            assert set(rule) == ({"rule", "message"} if path == "<root>" else {"rule", "message", "fieldPath"})
+            if path != "<root>":
+                assert f"{path.removeprefix('.')}{rule['fieldPath']}" in rule["message"], rule
 
 
 def test_granularity_rule_uses_every_family() -> None:
@@ -371,12 +376,27 @@ def test_good_specs_pass_the_schema(name: str) -> None:
     assert check(GOOD[name], schema_of("DiffusionJob")) == []
 
 
-FIELD_LEVEL = [case for case in BAD if case.schema_rejects]
+FIELD_LEVEL = [case for case in INVALID if case.by == "schema"]
+RULE_LEVEL = [case for case in INVALID if case.by == "cel"]
 
 
 @pytest.mark.parametrize("case", FIELD_LEVEL, ids=[case.id for case in FIELD_LEVEL])
-def test_schema_rejects_field_level_errors(case: Any) -> None:
+def test_schema_rejects_field_level_errors(case: Invalid) -> None:
     assert check(case.doc, schema_of("DiffusionJob")) != []
+
+
+def rule_fields() -> set[str]:
+    """The fields the CEL rules report errors at: their node plus fieldPath, else the field their message names."""
+    return {path.removeprefix(".") + rule["fieldPath"] if "fieldPath" in rule else rule["message"].split()[0]
+            for path, group in rules_at(schema_of("DiffusionJob")).items() for rule in group}
+
+
+@pytest.mark.parametrize("case", RULE_LEVEL, ids=[case.id for case in RULE_LEVEL])
+def test_cross_field_errors_pass_the_schema_and_have_a_rule_at_their_field(case: Invalid) -> None:
+    """What the shared table says a CEL rule refuses passes the structural schema, and a rule reports that field
+    (tests/e2e/test_validation.py checks that the API server does refuse it)."""
+    assert check(case.doc, schema_of("DiffusionJob")) == []
+    assert case.field in rule_fields()
 
 
 # The schema-only patterns must accept exactly what the model's validators accept.

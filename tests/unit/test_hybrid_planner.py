@@ -30,7 +30,7 @@ def test_family_defaults_and_overrides() -> None:
 @pytest.mark.parametrize(("parallelism", "message"), [
     ({"strategy": "hybrid", "gpus": {"min": 3, "max": 4}}, "'hybrid' runs on exactly 2 GPUs"),
     ({"strategy": "hybrid", "family": "sd15"}, "'hybrid' splits the denoiser of sdxl, sd3 models only"),
-    ({"strategy": "stadi", "hybrid": {"window": 4}}, "parallelism.hybrid applies to strategy hybrid or auto"),
+    ({"strategy": "stadi", "hybrid": {"window": 4}}, "parallelism.hybrid: applies to strategy hybrid or auto"),
     ({"strategy": "hybrid", "hybrid": {"window": 0}}, "parallelism.hybrid.window"),
 ])
 def test_validation_names_the_field(parallelism: dict[str, object], message: str) -> None:

@@ -78,7 +78,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-The operator's rights on DiffusionJobs and their children, exactly the API calls it makes (handlers.py, kube.py,
+The operator's rights on DiffusionJobs and their children, exactly the API calls it makes (controller/, kube.py,
 kopf): one set of rules, bound cluster-wide (all namespaces) or per watched namespace.
 */}}
 {{- define "stadi.operator.jobRules" -}}

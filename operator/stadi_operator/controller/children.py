@@ -3,8 +3,8 @@
 Children: ConfigMap ``<job>-plan`` (plan.json, job.json), headless Service ``<job>`` (rank 0's DNS name),
 ServiceAccount/Role/RoleBinding ``<job>-worker`` (the Role allows only patching this job's status, for
 progress), optionally a Volcano PodGroup, and one worker pod per planned node running torchrun with one
-process per planned GPU. Every child carries a controller ownerReference to the job, so deleting the job
-deletes them (outputs in object storage stay).
+process per planned GPU. Every child carries a controller ownerReference to the job (kopf's), so deleting the
+job deletes them (outputs in object storage stay).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import kopf
 
 from stadi import __version__
 from stadi.api import API_VERSION, GROUP, DiffusionJobSpec, Plan
@@ -40,12 +42,22 @@ class Owner:
     namespace: str
     uid: str
 
-    def reference(self) -> dict[str, Any]:
-        """A controller ownerReference: the garbage collector deletes the child with the job."""
-        return {
-            "apiVersion": API_VERSION, "kind": "DiffusionJob", "name": self.name, "uid": self.uid,
-            "controller": True, "blockOwnerDeletion": True,
-        }
+    @property
+    def body(self) -> kopf.Body:
+        """The job as kopf's owner-reference helpers read it."""
+        return kopf.Body({"apiVersion": API_VERSION, "kind": "DiffusionJob",
+                          "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}})
+
+
+def owned(owner: Owner, obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the job as its controller (kopf's ownerReference, controller and blockOwnerDeletion set), so
+    the garbage collector deletes it with the job.
+
+    Not ``kopf.adopt``: it would also copy the job's labels (a Kueue queue name, say) onto the children, which
+    carry our own labels only.
+    """
+    kopf.append_owner_reference(obj, owner.body)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -97,10 +109,7 @@ def labels(owner: Owner) -> dict[str, str]:
 
 
 def _meta(owner: Owner, name: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name, "namespace": owner.namespace, "labels": labels(owner),
-        "ownerReferences": [owner.reference()], **extra,
-    }
+    return {"name": name, "namespace": owner.namespace, "labels": labels(owner), **extra}
 
 
 def pod_name(job: str, attempt: int, index: int) -> str:
@@ -136,20 +145,20 @@ def job_document(owner: Owner, spec: DiffusionJobSpec) -> dict[str, Any]:
 def config_map(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int) -> dict[str, Any]:
     """``<job>-plan``: the plan of the attempt (annotated with its number, which makes it the record a
     restarted operator reads back instead of planning again) and the job document."""
-    return {
+    return owned(owner, {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": _meta(owner, plan_name(owner.name), annotations={ANNOTATION_ATTEMPT: str(attempt)}),
         "data": {
             "plan.json": plan.model_dump_json(indent=1),
             "job.json": json.dumps(job_document(owner, spec), indent=1),
         },
-    }
+    })
 
 
 def service(owner: Owner, attempt: int, port: int = 29500) -> dict[str, Any]:
     """Headless Service ``<job>``: gives each pod of the attempt a DNS name before it is ready (rendezvous
     happens before any readiness), hence publishNotReadyAddresses."""
-    return {
+    return owned(owner, {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _meta(owner, owner.name),
         "spec": {
@@ -158,47 +167,47 @@ def service(owner: Owner, attempt: int, port: int = 29500) -> dict[str, Any]:
             "selector": {LABEL_JOB: owner.name, LABEL_ATTEMPT: str(attempt)},
             "ports": [{"name": "rendezvous", "port": port, "targetPort": port, "protocol": "TCP"}],
         },
-    }
+    })
 
 
 def service_account(owner: Owner) -> dict[str, Any]:
-    return {
+    return owned(owner, {
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": _meta(owner, worker_name(owner.name)),
         "automountServiceAccountToken": True,  # rank 0 patches status.progress with it
-    }
+    })
 
 
 def role(owner: Owner) -> dict[str, Any]:
     """Least privilege: patch the status of this one job, nothing else. Rank 0's reporter sends only merge
     patches of the status subresource (no read of the job, no list or watch: resourceNames cannot restrict
     those anyway)."""
-    return {
+    return owned(owner, {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": _meta(owner, worker_name(owner.name)),
         "rules": [{
             "apiGroups": [GROUP], "resources": ["diffusionjobs/status"],
             "resourceNames": [owner.name], "verbs": ["patch"],
         }],
-    }
+    })
 
 
 def role_binding(owner: Owner) -> dict[str, Any]:
-    return {
+    return owned(owner, {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": _meta(owner, worker_name(owner.name)),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": worker_name(owner.name)},
         "subjects": [{"kind": "ServiceAccount", "name": worker_name(owner.name), "namespace": owner.namespace}],
-    }
+    })
 
 
 def pod_group(owner: Owner, attempt: int, members: int) -> dict[str, Any]:
     """Volcano gang: no pod of the attempt starts until all of them can (minMember = pods)."""
-    return {
+    return owned(owner, {
         "apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup",
         "metadata": _meta(owner, pod_group_name(owner.name, attempt)),
         "spec": {"minMember": members},
-    }
+    })
 
 
 def _env(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot,
@@ -242,11 +251,10 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
     if options.volcano:
         annotations[VOLCANO_GROUP] = pod_group_name(owner.name, attempt)
         spec_extra["schedulerName"] = "volcano"
-    return {
+    return owned(owner, {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
             "name": name, "namespace": owner.namespace, "labels": pod_labels, "annotations": annotations,
-            "ownerReferences": [owner.reference()],
         },
         "spec": {
             "hostname": name,
@@ -285,7 +293,7 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
             ],
             **spec_extra,
         },
-    }
+    })
 
 
 def worker_pods(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int,
