@@ -18,7 +18,6 @@ workspace; every exchange runs eagerly between them. Stage 0 returns its hand-ov
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from collections.abc import Callable, Hashable, Sequence
@@ -39,8 +38,6 @@ from stadi_worker.engine.sampling import BandSampler, Pace, StepTimer, initial_n
 from stadi_worker.models import ops_for
 from stadi_worker.models.base import StageSplit, batch_branches
 from stadi_worker.models.schedulers import make_scheduler
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
