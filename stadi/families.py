@@ -70,7 +70,7 @@ class FamilyProfile:
 # Families not measured take their kind's figure (UNet: SDXL, DiT: SD3).
 PROFILES: dict[str, FamilyProfile] = {
     # Measured on an H100 as CUDA graphs, b=2 at 1024^2: 42.7 ms @128 rows, 34.0 @96, 25.2 @64, 17.2 @32,
-    # and 27.4 ms @128 rows with b=1  ->  alpha ~ 9 ms, beta ~ 0.13 ms/row/item (DESIGN section 3).
+    # and 27.4 ms @128 rows with b=1  ->  alpha ~ 9 ms, beta ~ 0.13 ms/row/item (the founding design's figures).
     # Attention inputs at 64^2 (10 layers x 640 ch) and 32^2 (60 layers x 1280 ch): ~1.6 MB per row.
     "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, 7.5, 0.25, "euler",
                           "measured: H100 CUDA graph, 1024^2; band exchange, window wait: 2x H200 NVLink"),

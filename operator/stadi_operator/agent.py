@@ -1,4 +1,4 @@
-"""``stadi agent``: the node agent (DESIGN §5), run by a DaemonSet on every GPU node.
+"""``stadi agent``: the node agent (docs/architecture.md, "Control plane"), run by a DaemonSet on every GPU node.
 
 Every few seconds it reads the node's GPUs through NVML, writes them into the status of the node's
 cluster-scoped ``GPUNode`` (creating it once), and serves the same numbers as Prometheus gauges on

@@ -1,4 +1,5 @@
-"""The STADI planner: pure and deterministic. A pool of GPUs and a job in, a Plan out (DESIGN section 3)."""
+"""The STADI planner: pure and deterministic. A pool of GPUs and a job in, a Plan out (docs/architecture.md,
+"The planner")."""
 
 from __future__ import annotations
 

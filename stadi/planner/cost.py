@@ -1,4 +1,4 @@
-"""The affine cost model of one denoiser step and of the activation exchange (DESIGN section 3)."""
+"""The affine cost model of one denoiser step and of the activation exchange (docs/architecture.md, "The planner")."""
 
 from __future__ import annotations
 

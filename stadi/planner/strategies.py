@@ -1,4 +1,5 @@
-"""Each strategy's best arrangement of one set of GPUs, with its predicted latency (DESIGN section 3)."""
+"""Each strategy's best arrangement of one set of GPUs, with its predicted latency (docs/architecture.md, "The
+planner")."""
 
 from __future__ import annotations
 

@@ -54,6 +54,8 @@ def helm_binary() -> str | None:
     explicit = os.environ.get("STADI_HELM")
     if explicit:
         return explicit
+    if os.environ.get("STADI_E2E") == "0":
+        return None  # without the control-plane binaries (README: what STADI_E2E=0 skips)
     try:
         from stadi_operator.devcluster import testbin  # the test binaries of `make test`
 

@@ -1,4 +1,5 @@
-"""Worked examples of the planner, with every figure derived by hand from DESIGN section 3.
+"""Worked examples of the planner, with every figure derived by hand from the cost model (docs/architecture.md,
+"The planner").
 
 SDXL at 1024^2 is a 128x128 latent, granularity 4 rows; CFG gives batch 2, so on an H100 (speed 1)
 c(h) = 9 + 0.13 * 2 * h ms, plus 7.5 ms (SDXL's band_exchange_ms) on every step of a rank that shares the

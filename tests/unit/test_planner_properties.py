@@ -1,4 +1,4 @@
-"""Property tests of the STADI planner (DESIGN section 3, issue 2 item 7).
+"""Property tests of the STADI planner (docs/architecture.md, "The planner"; issue 2 item 7).
 
 Every test draws a pool of 1-6 catalogued GPUs with loads in [0, 0.9] and a job (sdxl / sd3 / sd15, sides a
 multiple of the family's pixel multiple in [256, 2048], 1-60 steps, ...) and checks one property of the plan.
