@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -58,8 +59,6 @@ def status_reporter(settings: WorkerSettings) -> StatusReporter | None:
 
 def _rank() -> int:
     """This process's rank as torchrun says (0 before it says anything readable)."""
-    import os
-
     text = os.environ.get("RANK", "0")
     return int(text) if text.isdigit() else 0
 
@@ -113,6 +112,7 @@ def run_worker(settings: WorkerSettings) -> int:
 
 def worker_command(args: argparse.Namespace, *, configure_logs: bool = False) -> int:
     """``stadi worker`` (``configure_logs``: log at the settings' ``log_level``; ``stadi`` configures its own)."""
+    _die_with_parent()
     try:
         settings = settings_from(args)
     except WorkerError as error:
@@ -138,7 +138,6 @@ def _die_with_parent() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stadi_worker.cli.worker``: one rank, configured from the environment (as ``stadi worker``),
     logging at ``STADI_LOG_LEVEL``."""
-    _die_with_parent()
     parser = argparse.ArgumentParser(prog="stadi-worker", description="Run one rank of a DiffusionJob.")
     add_worker_arguments(parser)
     args: Any = parser.parse_args(argv)
