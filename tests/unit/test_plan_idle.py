@@ -61,7 +61,7 @@ def test_bad_plans_with_idle_ranks_are_rejected(ranks: list[dict[str, Any]], wor
 
 def test_sync_period_counts_active_strides_only() -> None:
     bad = _doc([{"rows": [0, 8], "stride": 2}, {"rows": [8, 16], "stride": 3}, IDLE], sync_period=2)
-    with pytest.raises(ValueError, match="sync_period 2 is not a multiple of every active rank's stride"):
+    with pytest.raises(ValueError, match=r"sync_period 2 is not the lcm of the active ranks' strides \[2, 3\] \(6\)"):
         Plan.model_validate(bad).validate_for(3)
     Plan.model_validate(_doc([{"rows": [0, 16], "stride": 2}, {**IDLE, "stride": 3}], sync_period=2)).validate_for(2)
 
