@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 TESTBIN := $(if $(filter 0,$(STADI_E2E)),,testbin)
 
 run: setup
-	$(VENV)/bin/stadi run manifests/examples/tiny-sdxl.yaml --ranks 2 --device cpu --output out/tiny
+	$(VENV)/bin/stadi run manifests/examples/small-sdxl.yaml --ranks 2 --device cpu --output out/small
 
 test: setup $(TESTBIN)
 	$(VENV)/bin/ruff check .
@@ -40,7 +40,7 @@ $(UV):
 
 $(STAMP): pyproject.toml constraints.txt | $(UV)
 	test -x $(VENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(VENV)/bin/python -c constraints.txt -e ".[worker,operator,bench,dev]"
+	$(UV) pip install --quiet --python $(VENV)/bin/python -c constraints.txt -e ".[worker,operator,bench,train,dev]"
 	touch $@
 
 plan: setup

@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # xfuser's and yunchang's wheels put their test/example folders at the top level: 'test' shadows the stdlib's
 (cd /tmp/site && rm -rf test tests benchmark benchmarks docker docs entrypoints examples)
 export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . > /tmp/pip-self.log 2>&1 || { echo "pip install . failed:"; tail -3 /tmp/pip-self.log; }
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target /tmp/site . > /tmp/pip-self.log 2>&1 || { echo "pip install . failed:"; tail -3 /tmp/pip-self.log; }
 export PATH=/tmp/site/bin:$PATH
 if ! python3 -c "import stadi_bench.speed" 2>/dev/null; then  # fall back: the tree itself + entry points
   export PYTHONPATH=/tmp/site:$PWD:$PWD/worker:$PWD/bench

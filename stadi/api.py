@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from stadi.families import HYBRID_DEFAULTS, HybridSchedule, profile
+from stadi.families import BUILTIN_MODELS, HYBRID_DEFAULTS, HybridSchedule, profile
 
 GROUP = "stadi.dev"
 VERSION = "v1alpha1"
@@ -35,7 +35,7 @@ Strategy = Literal["auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybr
 STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid")
 Scheduler = Literal["default", "ddim", "euler", "dpmpp-2m", "flow-euler"]
 OUTPUT_SCHEMES = ("s3", "file")
-MODEL_SCHEMES = ("s3", "file", "random")
+MODEL_SCHEMES = ("s3", "file", "random", "builtin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123: the parts of a DNS subdomain
 
@@ -54,7 +54,8 @@ HYBRID_GPUS = 2
 
 # Schema-only patterns (json_schema_extra): the CRD carries them so that the apiserver rejects what the
 # validators below reject, while pydantic keeps the validators' clearer messages. Go RE2 syntax.
-SOURCE_PATTERN = r"^((s3|file)://|random://(tiny|full)$|[A-Za-z0-9][-\w.]*/[-\w.]+$)"
+SOURCE_PATTERN = (r"^((s3|file)://|random://(tiny|full)$|builtin://(" + "|".join(BUILTIN_MODELS) + r")$"
+                  r"|[A-Za-z0-9][-\w.]*/[-\w.]+$)")
 OUTPUT_URI_PATTERN = r"^(s3://[^/]|file:///)"
 OBJECT_URI_PATTERN = r"^(s3|file)://"
 ENDPOINT_PATTERN = r"^https?://"
@@ -94,7 +95,9 @@ class ModelSource(Model):
     )
     source: str = Field(
         description="Weights: s3://bucket/path, file:///dir (a mounted volume), a hub id (org/name) where the "
-        "cluster has network, or random://tiny | random://full (random weights, for tests and benchmarks).",
+        "cluster has network, builtin://NAME (a small model trained by the project and shipped with the worker: "
+        f"{', '.join(BUILTIN_MODELS)}), or random://tiny | random://full (random weights, for tests and "
+        "benchmarks).",
         json_schema_extra={"pattern": SOURCE_PATTERN},
     )
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Weights and compute dtype.")
@@ -110,13 +113,25 @@ class ModelSource(Model):
             scheme = value.split("://", 1)[0]
             if scheme not in MODEL_SCHEMES:
                 raise ValueError(
-                    f"unsupported scheme {scheme!r}; allowed: s3://, file://, random://, or a hub id org/name"
+                    f"unsupported scheme {scheme!r}; allowed: s3://, file://, random://, builtin://, or a hub id "
+                    "org/name"
                 )
             if scheme == "random" and value not in ("random://tiny", "random://full"):
                 raise ValueError("random weights are random://tiny or random://full")
+            if scheme == "builtin" and value.removeprefix("builtin://") not in BUILTIN_MODELS:
+                raise ValueError(f"unknown built-in model; allowed: "
+                                 f"{', '.join('builtin://' + name for name in BUILTIN_MODELS)}")
         elif not _HUB_ID.match(value):
-            raise ValueError("must be s3://…, file://…, random://tiny|full, or a hub id of the form org/name")
+            raise ValueError("must be s3://…, file://…, builtin://NAME, random://tiny|full, or a hub id of the form "
+                             "org/name")
         return value
+
+    @model_validator(mode="after")
+    def _builtin_family(self) -> ModelSource:
+        name = self.source.removeprefix("builtin://")
+        if self.source.startswith("builtin://") and BUILTIN_MODELS[name] != self.family:
+            raise FieldError("source", f"builtin://{name} is a {BUILTIN_MODELS[name]} model, not {self.family}")
+        return self
 
 
 class GpuRange(Model):

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from stadi import api
-from stadi.families import HYBRID_DEFAULTS, PROFILES
+from stadi.families import BUILTIN_MODELS, HYBRID_DEFAULTS, PROFILES
 
 CATEGORY = "stadi"
 HEADER = "# Generated from stadi/api.py by `stadi crd` (make crd). Do not edit by hand.\n"
@@ -105,7 +105,18 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
     gpu_min = f"(has({gpus}) ? {_field(api.GpuRange, 'min', gpus)} : {api.GpuRange().min})"
     gpu_max = f"(has({gpus}) ? {_field(api.GpuRange, 'max', gpus)} : {api.GpuRange().max})"
     hybrid = f"!has(self.parallelism) || {strategy} != 'hybrid'"
+    builtins = "{" + ", ".join(f"'{name}': '{family}'" for name, family in sorted(BUILTIN_MODELS.items())) + "}"
     return {
+        "ModelSource": [
+            {
+                # an unknown name is the pattern's to refuse: the lookup only runs on a known one
+                "rule": f"!self.source.startsWith('builtin://') || !(self.source.substring(10) in {builtins}) || "
+                f"{builtins}[self.source.substring(10)] == self.family",
+                "message": "spec.model.source: a builtin:// model must be of spec.model.family ("
+                + ", ".join(f"{name}: {family}" for name, family in sorted(BUILTIN_MODELS.items())) + ")",
+                "fieldPath": ".source",
+            }
+        ],
         "GpuRange": [
             {
                 "rule": f"{_field(api.GpuRange, 'min')} <= {_field(api.GpuRange, 'max')}",

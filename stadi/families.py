@@ -15,6 +15,9 @@ Family = Literal["sdxl", "sd3", "sd15", "pixart", "flux"]
 FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart", "flux")
 # what this release's worker runs (its layer wrappers and pipeline classes); the planner plans every family
 RUNNABLE: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart")
+# Small trained checkpoints that ship inside the worker (``builtin://NAME``), by name: their family. Trained from
+# scratch on the sample images of scikit-image and scikit-learn (stadi bench train; README, "Built-in models").
+BUILTIN_MODELS: dict[str, str] = {"sdxl-small": "sdxl", "sd3-small": "sd3"}
 
 
 def not_runnable(family: str) -> str | None:

@@ -28,7 +28,7 @@ def configure(level: str | int = "WARNING") -> None:
     """Route the `stadi*` loggers to stderr at `level` (WARNING unless asked)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
-    for name in ("stadi", "stadi_worker", "stadi_operator"):
+    for name in ("stadi", "stadi_worker", "stadi_operator", "stadi_bench"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level if isinstance(level, int) else level.upper())

@@ -1,12 +1,13 @@
-"""``stadi bench``: the benchmarks' subcommands (fidelity and speed of parallel plans), registered through the
-``stadi.commands`` entry-point group by the ``bench`` extra; heavy imports happen only when a command runs."""
+"""``stadi bench`` (fidelity and speed of parallel plans) and ``stadi train`` (the built-in small models),
+registered through the ``stadi.commands`` entry-point group by the ``bench`` extra; heavy imports happen only
+when a command runs."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from stadi_bench.flags import add_fidelity_arguments, add_speed_arguments
+from stadi_bench.flags import add_fidelity_arguments, add_speed_arguments, add_train_arguments
 
 
 def _fidelity(args: argparse.Namespace) -> int:
@@ -21,8 +22,14 @@ def _speed(args: argparse.Namespace) -> int:
     return command(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from stadi_bench.train.run import command
+
+    return command(args)
+
+
 def register(subparsers: Any) -> None:
-    """Add ``bench fidelity`` and ``bench speed`` to the ``stadi`` command."""
+    """Add ``bench fidelity``, ``bench speed`` and ``train`` to the ``stadi`` command."""
     bench = subparsers.add_parser("bench", help="worker benchmarks (fidelity and speed of parallel plans)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     fidelity = bench_sub.add_parser(
@@ -40,3 +47,10 @@ def register(subparsers: Any) -> None:
         "(+ NAME.png).")
     add_speed_arguments(speed)
     speed.set_defaults(func=_speed)
+
+    train = subparsers.add_parser(
+        "train", help="train a small text-to-image model of a family from scratch (the built-in models)",
+        description="Train the small VAE, text encoders and denoiser of a family on the sample images of "
+        "scikit-image and scikit-learn, seeded; write a diffusers checkpoint (fp16 safetensors) and train.json.")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)

@@ -20,12 +20,15 @@ def add_fidelity_arguments(p: Any) -> None:
     p.add_argument("--warmup", type=int, default=2, help="synchronous warmup steps (default 2)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--scheduler", default="default", choices=("default", "ddim", "euler", "dpmpp-2m", "flow-euler"))
-    p.add_argument("--prompt", default="a red bicycle in the snow")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="a red bicycle in the snow",
+                   help="the prompt, or several separated by '|', used in turn by the cases")
+    p.add_argument("--seed", type=int, default=0, help="the first case's seed; case i uses seed + i")
+    p.add_argument("--cases", type=int, default=1, help="prompt and seed pairs each plan runs (figures: means)")
+    p.add_argument("--grid", help="write a PNG of the first cases: serial next to each plan, band edges in red")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--plans", default="exact,patch,stadi:1-2",
-                   help="comma-separated: exact, patch, cfg, stadi, stadi:K0-K1-... (strides), FILE.json")
+                   help="comma-separated: exact, patch, cfg, hybrid, stadi, stadi:K0-K1-... (strides), FILE.json")
     p.add_argument("--cache-dir", help="model cache (default $STADI_CACHE/models)")
     p.add_argument("--json", help="write the results as JSON to this file")
 
@@ -70,3 +73,23 @@ def add_speed_arguments(parser: Any) -> None:
                         help="seconds per peer configuration and level before it is killed (and recorded as such)")
     parser.add_argument("--peer-only", action="store_true",
                         help="only the peer at each level (stadi's figures from another run, joined by --merge)")
+
+
+def add_train_arguments(p: Any) -> None:
+    """Flags of ``stadi train`` (defaults: the committed models, trained on one H200)."""
+    p.add_argument("--family", required=True, choices=("sdxl", "sd3"), help="the family whose small model to train")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (diffusers layout, fp16 safetensors)")
+    p.add_argument("--size", type=int, default=256, help="training images are SIZE x SIZE pixels (default 256)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=12000, help="steps of the denoiser and text encoders")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="the denoiser's learning rate")
+    p.add_argument("--text-lr", type=float, default=3e-4, help="the text encoders' learning rate")
+    p.add_argument("--bank", type=int, default=8192, help="augmented images encoded once for the denoiser's steps")
+    p.add_argument("--max-seconds", type=float, help="safety stop: end each phase early rather than run longer "
+                   "(the steps run are recorded in train.json)")
+    p.add_argument("--samples", help="also write a grid of one sample per caption into this directory")

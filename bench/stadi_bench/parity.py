@@ -1,12 +1,12 @@
 """Fidelity runner: one job spec under several plans on the ranks of this process group.
 
 ``python -m stadi_bench.parity CONFIG.json`` on every rank (torchrun env). The config holds ``spec`` (a
-DiffusionJobSpec document), ``prompt``, ``seed``, ``device``, ``cache_dir``, ``out`` and ``runs``: a list of
-``{"name", "plan" (a Plan document, or null for the serial reference on rank 0), "exact", "replan",
-"slowdown" ({rank: factor})}``. Rank 0 writes ``out/NAME.pt`` with the final latent, the decoded image in
-[0, 1], every rank's step times, model evaluations and exchange points, the final plan and the measured
-speeds. The CPU tests and the GPU fidelity
-benchmark both use it.
+DiffusionJobSpec document), ``prompt`` and ``seed`` (or ``cases``: a list of ``{"prompt", "seed"}``), ``device``,
+``cache_dir``, ``out`` and ``runs``: a list of ``{"name", "plan" (a Plan document, or null for the serial
+reference on rank 0), "exact", "replan", "slowdown" ({rank: factor})}``. Rank 0 writes ``out/NAME.pt`` (with
+``cases``: ``out/NAME@I.pt`` for case I) with the final latent, the decoded image in [0, 1], every rank's step
+times, model evaluations and exchange points, the final plan and the measured speeds. The CPU tests and
+``stadi bench fidelity`` both use it.
 """
 
 from __future__ import annotations
@@ -42,35 +42,43 @@ def run(config: dict[str, Any]) -> None:
         out = Path(config["out"])
         out.mkdir(parents=True, exist_ok=True)
         pipe = load_pipeline(spec.model, ctx.device, Path(config["cache_dir"]))
+        cases = config.get("cases")
+        named = [(c["prompt"], int(c["seed"]), f"@{i}") for i, c in enumerate(cases)] if cases is not None else [
+            (config["prompt"], config["seed"], "")]
         for entry in config["runs"]:
-            if entry.get("plan") is None:
-                if ctx.rank == 0:
-                    res = generate_serial(pipe, spec, config["prompt"], config["seed"])
-                    torch.save({"latents": res.latents, "step_ms": [res.step_ms], "evals": [res.evals],
-                                "image": ops_for(pipe, spec.model.family).decode_tensor(res.latents)},
-                               out / f"{entry['name']}.pt")
-                if ctx.world_size > 1:
-                    dist.barrier()
-                continue
-            plan = Plan.model_validate(entry["plan"])
-            slow = {int(k): float(v) for k, v in (entry.get("slowdown") or {}).items()}
-            res = generate(pipe, spec, plan, ctx, config["prompt"], config["seed"], exact=entry.get("exact", False),
-                           replan_after_warmup=entry.get("replan", False),
-                           pace=pacer(slow.get(ctx.rank, 1.0), ctx.device), workspace=Workspace(settings.engine))
-            mine = (res.step_ms, res.evals, res.exchanges)
-            every: list[Any] = [mine]
-            if ctx.world_size > 1:
-                every = [None] * ctx.world_size
-                dist.all_gather_object(every, mine)
-            if ctx.rank == 0:
-                torch.save({"latents": res.latents, "step_ms": [e[0] for e in every],
-                            "evals": [e[1] for e in every], "exchanges": [e[2] for e in every],
-                            "image": ops_for(pipe, spec.model.family).decode_tensor(res.latents),
-                            "plan": (res.plan or plan).model_dump(mode="json"),
-                            "measured_speeds": res.measured_speeds, "replanned": res.replanned},
-                           out / f"{entry['name']}.pt")
+            for prompt, seed, suffix in named:
+                _run_entry(entry, pipe, spec, ctx, settings, prompt, seed, out / f"{entry['name']}{suffix}.pt")
     finally:
         shutdown(ctx, settings.teardown_s)
+
+
+def _run_entry(entry: dict[str, Any], pipe: Any, spec: DiffusionJobSpec, ctx: Any, settings: WorkerSettings,
+               prompt: str, seed: int, path: Path) -> None:
+    """One run of ``entry`` for one prompt and seed; rank 0 saves it at ``path``."""
+    if entry.get("plan") is None:
+        if ctx.rank == 0:
+            res = generate_serial(pipe, spec, prompt, seed)
+            torch.save({"latents": res.latents, "step_ms": [res.step_ms], "evals": [res.evals],
+                        "image": ops_for(pipe, spec.model.family).decode_tensor(res.latents)}, path)
+        if ctx.world_size > 1:
+            dist.barrier()
+        return
+    plan = Plan.model_validate(entry["plan"])
+    slow = {int(k): float(v) for k, v in (entry.get("slowdown") or {}).items()}
+    res = generate(pipe, spec, plan, ctx, prompt, seed, exact=entry.get("exact", False),
+                   replan_after_warmup=entry.get("replan", False),
+                   pace=pacer(slow.get(ctx.rank, 1.0), ctx.device), workspace=Workspace(settings.engine))
+    mine = (res.step_ms, res.evals, res.exchanges)
+    every: list[Any] = [mine]
+    if ctx.world_size > 1:
+        every = [None] * ctx.world_size
+        dist.all_gather_object(every, mine)
+    if ctx.rank == 0:
+        torch.save({"latents": res.latents, "step_ms": [e[0] for e in every],
+                    "evals": [e[1] for e in every], "exchanges": [e[2] for e in every],
+                    "image": ops_for(pipe, spec.model.family).decode_tensor(res.latents),
+                    "plan": (res.plan or plan).model_dump(mode="json"),
+                    "measured_speeds": res.measured_speeds, "replanned": res.replanned}, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,7 +298,7 @@ def rules_at(schema: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
 
 def test_cel_rules_cover_the_cross_field_checks() -> None:
     rules = rules_at(schema_of("DiffusionJob"))
-    assert set(rules) == {"<root>", ".spec", ".spec.parallelism.gpus"}
+    assert set(rules) == {"<root>", ".spec", ".spec.model", ".spec.parallelism.gpus"}
     messages = " | ".join(r["message"] for group in rules.values() for r in group)
     for needle in (
         "spec.parallelism.gpus.min must be <= spec.parallelism.gpus.max",
@@ -309,6 +309,7 @@ def test_cel_rules_cover_the_cross_field_checks() -> None:
         "spec.height must be a multiple",
         "spec.width must be a multiple",
         "metadata.name must be a DNS label",
+        "spec.model.source: a builtin:// model must be of spec.model.family",
     ):
         assert needle in messages
     assert rules_at(schema_of("GPUNode")) == {}

@@ -35,7 +35,8 @@ def generate_banded(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistCont
     """One image under a banded plan on this rank (see the module's docstring and ``generate.generate``)."""
     ops = ops_for(pipe, spec.model.family)
     guidance = spec.uses_cfg
-    branches = ops.encode(spec, prompt, guidance)
+    with torch.no_grad():
+        branches = ops.encode(spec, prompt, guidance)
     steps = spec.steps
     sampler = BandSampler(make_scheduler(ops, spec.scheduler), steps, ops.device)
     full = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma)

@@ -144,7 +144,8 @@ class _Runner:
         self.ops = ops_for(pipe, spec.model.family)
         self.spec, self.plan, self.ctx, self.pace = spec, plan, ctx, pace
         self.graphs = workspace.graphs_for(self.ops.device)
-        branches = self.ops.encode(spec, prompt, True)
+        with torch.no_grad():
+            branches = self.ops.encode(spec, prompt, True)
         self.single = {b: batch_branches(branches, [b]) for b in ("uncond", "cond")}
         self.both = batch_branches(branches, ["uncond", "cond"])
         self.sampler = BandSampler(make_scheduler(self.ops, spec.scheduler), spec.steps,

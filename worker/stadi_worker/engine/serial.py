@@ -27,7 +27,8 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
     whole = workspace.whole_denoiser(ops, spec)
     guidance = spec.uses_cfg
     order = ["uncond", "cond"] if guidance else ["cond"]
-    cond = batch_branches(ops.encode(spec, prompt, guidance), order)
+    with torch.no_grad():
+        cond = batch_branches(ops.encode(spec, prompt, guidance), order)
     keys, values = list(cond), list(cond.values())
     sampler = BandSampler(make_scheduler(ops, spec.scheduler), spec.steps, ops.device)
     latents = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma).to(ops.device, ops.dtype)

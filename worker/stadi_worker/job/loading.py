@@ -1,7 +1,8 @@
 """A job's model on this node: its weights resolved to a local directory, loaded with diffusers
 ``from_pretrained`` exactly as a real checkpoint.
 
-``file://`` is used in place (a mounted volume), ``s3://`` is copied into the cache once, and ``random://tiny``
+``file://`` is used in place (a mounted volume), ``builtin://NAME`` is a trained checkpoint shipped inside this
+package (``models/builtin/NAME``), ``s3://`` is copied into the cache once, and ``random://tiny``
 or ``random://full`` is a random-weight pipeline of the family's real architecture (``ModelOps.build``), saved
 into the cache once per node so that every rank loads the same weights from disk.
 """
@@ -13,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +47,17 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def save_random_pipeline(family: str, size: Size, dest: Path) -> Path:
-    """Build a random-weight pipeline of ``family`` and ``save_pretrained`` it to ``dest`` (safetensors)."""
+    """Build a random-weight pipeline of ``family`` and save it to ``dest``."""
+    return save_pipeline(family_ops(family).build(size), dest)
+
+
+def save_pipeline(pipe: Any, dest: Path) -> Path:
+    """``save_pretrained`` ``pipe`` to ``dest`` (safetensors), so that ``from_pretrained`` loads it back whole."""
     import diffusers
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    pipe = family_ops(family).build(size)
     pipe.save_pretrained(dest, safe_serialization=True)
     # transformers 5 writes a model (config and weights) only on rank 0 of an initialised process group; a
     # worker rank building its own node's copy must still get the text encoders on disk.
@@ -97,12 +103,22 @@ def random_dir(family: str, size: Size, cache_dir: Path) -> Path:
     return final
 
 
+def builtin_dir(name: str) -> Path:
+    """The directory of the trained checkpoint ``builtin://name``, shipped inside the worker package."""
+    path = Path(str(resources.files("stadi_worker.models") / "builtin" / name))
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"built-in model builtin://{name} is not in this worker (no {path})")
+    return path
+
+
 def resolve_source(source: ModelSource, cache_dir: Path, endpoint: str | None = None,
                    credentials_dir: Path | None = None) -> Path:
     """The local directory holding the pipeline of ``source`` (building or downloading it when needed)."""
     uri = source.source
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
+    if uri.startswith("builtin://"):
+        return builtin_dir(uri.removeprefix("builtin://"))
     if uri.startswith("random://"):
         return random_dir(source.family, uri.removeprefix("random://"), cache_dir)  # type: ignore[arg-type]
     if uri.startswith("s3://"):

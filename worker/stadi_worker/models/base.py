@@ -18,7 +18,9 @@ import torch
 from stadi.api import DiffusionJobSpec
 from stadi.planner.stage_split import Unit
 
-Size = Literal["tiny", "full"]  # random-weight architectures: tiny for tests, full (the real shapes) for speed
+# Architectures built offline: tiny for tests, small (trainable in minutes: the built-in trained checkpoints) and full
+# (the real shapes, random weights: their cost is the real cost) for speed.
+Size = Literal["tiny", "small", "full"]
 Branches = dict[str, dict[str, torch.Tensor]]  # per guidance branch ("cond", "uncond"): the denoiser's inputs
 
 
@@ -81,8 +83,10 @@ class ModelOps:
         factor = self.pipe.vae_scale_factor
         return self.denoiser.config.in_channels, spec.height // factor, spec.width // factor
 
-    def encode(self, spec: DiffusionJobSpec, prompt: str, guidance: bool) -> Branches:
-        """Per branch ("cond", and "uncond" when guidance) the denoiser's keyword inputs, batch 1."""
+    def encode(self, spec: DiffusionJobSpec, prompt: str | list[str], guidance: bool) -> Branches:
+        """Per branch ("cond", and "uncond" when guidance) the denoiser's keyword inputs, one batch item per
+        prompt, as the family's own pipeline builds them ("uncond" is what the pipeline guides against). The caller
+        chooses the grad mode: the engine encodes without, training through the text encoders."""
         raise NotImplementedError
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],

@@ -81,6 +81,9 @@ def _clip_config(size: Size, vocab_size: int, kind: str) -> dict[str, Any]:
     if size == "tiny":
         return dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     projection_dim=32, hidden_act="gelu", vocab_size=vocab_size)
+    if size == "small":  # trained from scratch with the denoiser (stadi bench train)
+        return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    projection_dim=64, hidden_act="gelu", vocab_size=vocab_size)
     if kind == "g":  # OpenCLIP bigG text tower
         return dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                     projection_dim=1280, hidden_act="gelu", vocab_size=49408)
@@ -89,7 +92,8 @@ def _clip_config(size: Size, vocab_size: int, kind: str) -> dict[str, Any]:
 
 
 def clip_text_encoder(size: Size, vocab_size: int, kind: str, with_projection: bool) -> Any:
-    """A CLIP text tower: ``kind`` "l" (CLIP ViT-L) or "g" (OpenCLIP bigG) at full size, a toy one when tiny."""
+    """A CLIP text tower: ``kind`` "l" (CLIP ViT-L) or "g" (OpenCLIP bigG) at full size, a small or a toy one
+    otherwise."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # vocab ids: the tokenizer's specials are its last two tokens
@@ -105,13 +109,16 @@ def vae(size: Size, latent_channels: int, scaling: float, shift: float | None) -
     sd3 = latent_channels == 16
     if size == "tiny":
         chans, layers, groups = (8, 8, 16, 16), 1, 4
+    elif size == "small":  # about 1.3 M parameters: the committed trained checkpoints stay small
+        chans, layers, groups = (32, 64, 64, 64), 1, 16
     else:
         chans, layers, groups = (128, 256, 512, 512), 2, 32
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=chans,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=layers, norm_num_groups=groups, scaling_factor=scaling, shift_factor=shift,
-        use_quant_conv=not sd3, use_post_quant_conv=not sd3, sample_size=128 if size == "tiny" else 1024,
+        use_quant_conv=not sd3, use_post_quant_conv=not sd3,
+        sample_size={"tiny": 128, "small": 256}.get(size, 1024),
     )
 
 

@@ -39,10 +39,9 @@ class PixArtOps(ModelOps):
         """T5 states with their padding masks (the cross-attention must not attend to pad tokens); the 1024
         model (``use_additional_conditions``) also takes the image size and aspect ratio."""
         dev = self.device
-        with torch.no_grad():
-            pe, pm, npe, npm = self.pipe.encode_prompt(
-                prompt, do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "",
-                device=dev, clean_caption=False, max_sequence_length=TOKENS)
+        pe, pm, npe, npm = self.pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or "",
+            device=dev, clean_caption=False, max_sequence_length=TOKENS)
         micro: dict[str, torch.Tensor] = {}
         if self.denoiser.use_additional_conditions:
             micro = {"resolution": torch.tensor([[spec.height, spec.width]], device=dev, dtype=pe.dtype),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from stadi.api import DiffusionJobSpec
 from stadi_worker.models import components as parts
 from stadi_worker.models.base import Branches, Size
@@ -31,9 +29,8 @@ class SD15Ops(UNetOps):
             )
 
     def encode(self, spec: DiffusionJobSpec, prompt: str, guidance: bool) -> Branches:
-        with torch.no_grad():
-            pe, npe = self.pipe.encode_prompt(prompt, self.device, 1, guidance,
-                                              negative_prompt=spec.negative_prompt or None)
+        pe, npe = self.pipe.encode_prompt(prompt, self.device, 1, guidance,
+                                          negative_prompt=spec.negative_prompt or None)
         out = {"cond": {"encoder_hidden_states": pe}}
         if guidance:
             out["uncond"] = {"encoder_hidden_states": npe}

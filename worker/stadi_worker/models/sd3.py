@@ -46,10 +46,9 @@ class SD3Ops(ModelOps):
         return {"text_encoder_3": None, "tokenizer_3": None}
 
     def encode(self, spec: DiffusionJobSpec, prompt: str, guidance: bool) -> Branches:
-        with torch.no_grad():
-            pe, npe, ppe, nppe = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, device=self.device,
-                do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or None)
+        pe, npe, ppe, nppe = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=guidance, negative_prompt=spec.negative_prompt or None)
         out = {"cond": {"encoder_hidden_states": pe, "pooled_projections": ppe}}
         if guidance:
             out["uncond"] = {"encoder_hidden_states": npe, "pooled_projections": nppe}
@@ -106,7 +105,8 @@ class SD3Stages:
 
 
 def transformer(size: Size) -> Any:
-    """SD3-medium's MMDiT (24 joint blocks of width 1536), or a toy one of 2 blocks."""
+    """SD3-medium's MMDiT (24 joint blocks of width 1536), a small one of 4 blocks of width 128 (trained from
+    scratch), or a toy one of 2 blocks."""
     from diffusers import SD3Transformer2DModel
 
     if size == "tiny":
@@ -114,6 +114,11 @@ def transformer(size: Size) -> Any:
             sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
             pos_embed_max_size=32)
+    if size == "small":  # 2.3 M parameters; text: the two small CLIP towers' 64 + 64 features, pooled 64 + 64
+        return SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128,
+            pos_embed_max_size=64)
     return SD3Transformer2DModel(
         sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,

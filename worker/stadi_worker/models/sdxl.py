@@ -32,13 +32,12 @@ class SDXLOps(UNetOps):
             )
 
     def encode(self, spec: DiffusionJobSpec, prompt: str, guidance: bool) -> Branches:
-        with torch.no_grad():
-            pe, npe, ppe, nppe = self.pipe.encode_prompt(
-                prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-                negative_prompt=spec.negative_prompt or None)
+        pe, npe, ppe, nppe = self.pipe.encode_prompt(
+            prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+            negative_prompt=spec.negative_prompt or None)
         # original size, crop top-left, target size: the pipeline's defaults for an uncropped image
         time_ids = torch.tensor([[spec.height, spec.width, 0, 0, spec.height, spec.width]],
-                                device=self.device, dtype=pe.dtype)
+                                device=self.device, dtype=pe.dtype).expand(pe.shape[0], -1)
         out = {"cond": {"encoder_hidden_states": pe, "text_embeds": ppe, "time_ids": time_ids}}
         if guidance:
             out["uncond"] = {"encoder_hidden_states": npe, "text_embeds": nppe, "time_ids": time_ids}
@@ -49,7 +48,8 @@ class SDXLOps(UNetOps):
 
 
 def unet(size: Size) -> Any:
-    """SDXL's UNet; tiny keeps its structure (3 levels, 2 downsamplings, text_time embedding) at toy width."""
+    """SDXL's UNet; small and tiny keep its structure (3 levels, 2 downsamplings, cross-attention transformers in
+    the two lower levels, the text_time embedding) at reduced width: small is the one trained from scratch."""
     from diffusers import UNet2DConditionModel
 
     common = dict(
@@ -62,6 +62,11 @@ def unet(size: Size) -> Any:
             sample_size=16, block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
             transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), cross_attention_dim=64,
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32, **common)
+    if size == "small":  # 5.6 M parameters; text: the two small CLIP towers' 64 + 64 features, pooled 64
+        return UNet2DConditionModel(
+            sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), cross_attention_dim=128,
+            addition_time_embed_dim=16, projection_class_embeddings_input_dim=16 * 6 + 64, **common)
     return UNet2DConditionModel(
         sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, norm_num_groups=32,
         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
