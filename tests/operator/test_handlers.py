@@ -548,3 +548,19 @@ async def test_gpu_book_holds_created_pods_until_the_index_shows_them() -> None:
         assert [(u.name, u.requests) for u in merged["gpu-a"]] == [("j-a1-0", {"nvidia.com/gpu": 2})]
         assert len(book.with_promises({"gpu-a": merged["gpu-a"]})["gpu-a"]) == 1
         assert not book.promised  # the index shows the pod: the promise lapsed
+
+
+async def test_a_job_that_ended_before_any_launch_saw_its_pods_leaves_no_promise(cluster: Cluster) -> None:
+    """A short job's pods may run and finish between two launches, so no launch ever sees them in the pod index:
+    once its job sees them finished, their GPUs are free for the next job (not held until the promise's ttl)."""
+    cluster.add_job("short", parallelism={"gpus": {"min": 3}})
+    await cluster.create("short")
+    for name in cluster.pods():
+        cluster.set_pod(name, "Succeeded")
+    await cluster.call(handlers.reconcile, "short")
+    assert cluster.status("short")["phase"] == "Succeeded"
+
+    cluster.add_job("next", parallelism={"gpus": {"min": 3}})
+    await cluster.create("next")
+    assert cluster.status("next")["phase"] == "Scheduling", cluster.status("next").get("conditions")
+    assert {r["node"] for r in cluster.status("next")["plan"]["ranks"]} == {"gpu-a", "gpu-b"}

@@ -18,7 +18,8 @@ class GpuBook:
 
     kopf runs the handlers of many jobs at once, and a pod reaches the index only after its watch event: jobs
     planned in that gap would all pick the same free GPUs. Launches take the lock, plan against the index plus
-    these promises, and add their pods' promises; a promise lapses when the index shows its pod or after ttl.
+    these promises, and add their pods' promises; a promise lapses when the index shows its pod, when its job
+    sees it finished or going (a short pod may end between two launches, never shown to a launch), or after ttl.
     """
 
     ttl_s: float = 120.0
@@ -43,3 +44,10 @@ class GpuBook:
         if found:
             node, usage = found
             self.promised[(usage.namespace, usage.name)] = (node, usage, time.monotonic() + self.ttl_s)
+
+    def release(self, pods: Iterable[Mapping[str, Any]]) -> None:
+        """Drop the promises of these pods (finished or being deleted: their GPUs are free or about to be)."""
+        with self.lock:
+            for pod in pods:
+                meta = pod.get("metadata") or {}
+                self.promised.pop((meta.get("namespace") or "", meta.get("name") or ""), None)

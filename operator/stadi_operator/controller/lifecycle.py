@@ -64,6 +64,7 @@ def watch_pods(job: Job, spec_job: DiffusionJob) -> None:
     st, settings = job.status, job.runtime.settings
     attempt = int(st.get("attempts", 0))
     found = owned_pods(job)
+    job.runtime.book.release(p for p in found if pods.phase(p) in inventory.TERMINATED or pods.terminating(p))
     # Leftovers of an older attempt (an operator that stopped between deleting and re-planning).
     stop(job, [p for p in found if pods.attempt_of(p) < attempt])
     current = {int(p["metadata"]["labels"].get(ch.LABEL_POD_INDEX, -1)): p for p in found
