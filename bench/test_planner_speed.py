@@ -12,6 +12,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from stadi.api import Plan
 from stadi.planner import Device, PlanRequest, plan
+from stadi.planner.fidelity import ADMITS
 
 PRODUCTS = ("H100", "A100-80GB", "L4", "T4")
 NODES = 8
@@ -36,7 +37,10 @@ def check(result: Plan, request: PlanRequest, pool: list[Device]) -> None:
     result.validate_for()
     assert request.gpus_min <= len(result.ranks) <= request.gpus_max
     assert len(result.ranks) + len(result.left_out) == len(pool)
-    assert result.predicted_seconds == min(result.alternatives.values())
+    # the fastest strategy whose fidelity class the job's quality admits
+    admitted = [s for s, f in result.alternative_fidelity.items() if f in ADMITS[request.quality]]
+    assert result.fidelity in ADMITS[request.quality]
+    assert result.predicted_seconds == min(result.alternatives[s] for s in admitted)
 
 
 @pytest.mark.benchmark(group="planner")

@@ -31,8 +31,16 @@ GROUP = "stadi.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-Strategy = Literal["auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid"]
-STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid")
+Strategy = Literal["auto", "single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid"]
+STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid")
+# How much approximation auto may use (spec.parallelism.quality); each strategy's class is in
+# stadi.planner.fidelity, with the trained-model figures that put it there.
+Quality = Literal["exact", "balanced", "fastest"]
+QUALITIES: tuple[str, ...] = ("exact", "balanced", "fastest")
+# A plan's fidelity class (stadi.planner.fidelity): equal to one GPU up to float error, within the measured
+# bound, or beyond it (or not measured).
+Fidelity = Literal["exact", "bounded", "approximate"]
+FIDELITIES: tuple[str, ...] = ("exact", "bounded", "approximate")
 Scheduler = Literal["default", "ddim", "euler", "dpmpp-2m", "flow-euler"]
 OUTPUT_SCHEMES = ("s3", "file")
 MODEL_SCHEMES = ("s3", "file", "random", "builtin")
@@ -48,9 +56,11 @@ JOB_NAME_RULE = (
     f"with a letter or digit, at most {JOB_NAME_MAX} characters (it names the job's Service and its pods' hosts)"
 )
 # Strategies that split the two guidance branches, and those that read parallelism.hybrid.
-GUIDANCE_SPLITS = ("cfg", "stadi+cfg", "hybrid")
+GUIDANCE_SPLITS = ("cfg", "cfg-stride", "stadi+cfg", "hybrid")
 HYBRID_KNOB_STRATEGIES = ("hybrid", "auto")
-HYBRID_GPUS = 2
+# Strategies that run on exactly two GPUs, whatever the pool offers.
+PAIR_STRATEGIES = ("cfg-stride", "hybrid")
+PAIR_GPUS = 2
 
 # Schema-only patterns (json_schema_extra): the CRD carries them so that the apiserver rejects what the
 # validators below reject, while pydantic keeps the validators' clearer messages. Go RE2 syntax.
@@ -102,9 +112,9 @@ class ModelSource(Model):
     )
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Weights and compute dtype.")
     compile: bool = Field(
-        False, description="torch.compile the denoiser of whole-frame steps (one GPU, a CFG branch) inside their "
-        "CUDA graphs: about a quarter less per step after a compile of a minute or two per shape; banded steps "
-        "stay uncompiled. The planner counts it.")
+        False, description="torch.compile the denoiser steps (whole frames and bands) inside their CUDA graphs: "
+        "about a fifth less per step after a compile of a minute or two (one per batch size for bands), kept in the "
+        "workers' cache for the next job. The planner counts it.")
 
     @field_validator("source")
     @classmethod
@@ -164,7 +174,11 @@ class HybridParallelism(Model):
 class Parallelism(Model):
     """How the work is split across GPUs."""
 
-    strategy: Strategy = Field("auto", description="auto picks the lowest predicted latency.")
+    strategy: Strategy = Field("auto", description="auto picks the lowest predicted latency within quality.")
+    quality: Quality = Field(
+        "balanced", description="How much approximation auto may use: exact (only strategies equal to one GPU up "
+        "to float error), balanced (stale context, strides and branch reuse within the measured bound), fastest "
+        "(any).")
     gpus: GpuRange = Field(default_factory=GpuRange)
     warmup_steps: Annotated[int, Field(ge=0, le=1000)] | None = Field(
         None, description="Synchronous steps before re-planning (default: min(4, steps)); must be <= steps."
@@ -328,13 +342,12 @@ class DiffusionJobSpec(Model):
         if p.strategy in GUIDANCE_SPLITS and not self.uses_cfg:
             raise FieldError("parallelism.strategy", f"{p.strategy!r} splits the guidance branches and needs "
                              f"guidanceScale > 1, got {self.guidance_scale:g}")
-        if p.strategy == "hybrid":
-            if self.model.family not in HYBRID_DEFAULTS:
-                raise FieldError("parallelism.strategy", f"'hybrid' splits the denoiser of "
-                                 f"{', '.join(HYBRID_DEFAULTS)} models only, not {self.model.family!r}")
-            if not p.gpus.min <= HYBRID_GPUS <= p.gpus.max:
-                raise FieldError("parallelism.gpus", f"strategy 'hybrid' runs on exactly {HYBRID_GPUS} GPUs; "
-                                 f"min {p.gpus.min} to max {p.gpus.max} does not allow {HYBRID_GPUS}")
+        if p.strategy == "hybrid" and self.model.family not in HYBRID_DEFAULTS:
+            raise FieldError("parallelism.strategy", f"'hybrid' splits the denoiser of "
+                             f"{', '.join(HYBRID_DEFAULTS)} models only, not {self.model.family!r}")
+        if p.strategy in PAIR_STRATEGIES and not p.gpus.min <= PAIR_GPUS <= p.gpus.max:
+            raise FieldError("parallelism.gpus", f"strategy {p.strategy!r} runs on exactly {PAIR_GPUS} GPUs; "
+                             f"min {p.gpus.min} to max {p.gpus.max} does not allow {PAIR_GPUS}")
         if p.hybrid is not None and p.strategy not in HYBRID_KNOB_STRATEGIES:
             raise FieldError("parallelism.hybrid",
                              f"applies to strategy {' or '.join(HYBRID_KNOB_STRATEGIES)}, not {p.strategy!r}")
@@ -451,7 +464,7 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid"]
+    strategy: Literal["single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid"]
     family: str
     latent_height: int
     latent_width: int
@@ -463,6 +476,11 @@ class Plan(BaseModel):
     warmup_steps: int = 0
     predicted_seconds: float
     alternatives: dict[str, float] = Field(default_factory=dict)
+    fidelity: Fidelity | None = Field(
+        None, description="The plan's fidelity class: exact, bounded (within the measured bound) or approximate "
+        "(None: planned before the classes existed).")
+    alternative_fidelity: dict[str, Fidelity] = Field(
+        default_factory=dict, description="The fidelity class of each alternative, by strategy.")
     left_out: list[str] = Field(default_factory=list, description="GPUs whose inclusion raised latency.")
     hybrid: HybridPlan | None = None
 

@@ -8,15 +8,18 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
 
 from stadi import __version__, logs
-from stadi.api import STRATEGIES, Plan, load_job
+from stadi.api import QUALITIES, STRATEGIES, Plan, load_job
 from stadi.families import FAMILIES
 from stadi.planner import LINKS, Device, PlanRequest, plan
+from stadi.planner.cost import DEFAULT_EXCHANGE, EXCHANGES
+from stadi.planner.fidelity import DEFAULT_QUALITY
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             spec = load_job(yaml.safe_load(Path(args.job).read_text())).spec
         except (OSError, yaml.YAMLError, ValueError) as error:
             raise UsageError(f"--job: {error}") from None
-        request = PlanRequest.from_spec(spec, _link(args.link))
+        request = replace(PlanRequest.from_spec(spec, _link(args.link)), exchange=args.exchange)
     else:
         p = args
         request = PlanRequest(
@@ -123,7 +126,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             strategy=p.strategy, warmup_steps=p.warmup_steps, max_stride=p.max_stride,
             min_effective_steps=min(p.min_effective_steps, p.steps), gpus_min=p.gpus_min,
             gpus_max=p.gpus_max if p.gpus_max is not None else max(len(pool), p.gpus_min),
-            link_gbytes_per_s=_link(p.link), compiled=p.compile,
+            link_gbytes_per_s=_link(p.link), compiled=p.compile, quality=p.quality, exchange=p.exchange,
         )
     try:
         result = plan(request, pool)
@@ -136,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def format_plan(p: Plan) -> str:
     """A readable table of a plan and the strategies compared."""
     lines = [
-        f"strategy {p.strategy}   predicted {p.predicted_seconds:.3f} s   {p.family} "
+        f"strategy {p.strategy}   predicted {p.predicted_seconds:.3f} s   fidelity {p.fidelity or '-'}   {p.family} "
         f"{p.latent_height}x{p.latent_width} latent   {p.steps} steps   warmup {p.warmup_steps}   "
         f"sync period {p.sync_period}",
         "",
@@ -154,9 +157,10 @@ def format_plan(p: Plan) -> str:
         lines += ["", f"pipeline window: {h.pipeline_steps} steps, from the step after the discrepancy's slope over "
                   f"{h.window} steps drops below {h.slope_threshold:g}, at step {h.cap_step} at the latest; rank "
                   f"{first.rank} runs units [0, {first.layers[1]}) of {h.units}, the other from {h.boundary_layer}"]
-    lines += ["", "strategies compared (predicted seconds):"]
+    lines += ["", "strategies compared (predicted seconds, fidelity class):"]
     for name, seconds in sorted(p.alternatives.items(), key=lambda kv: kv[1]):
-        lines.append(f"  {'*' if name == p.strategy else ' '} {name:<10} {seconds:8.3f}")
+        lines.append(f"  {'*' if name == p.strategy else ' '} {name:<10} {seconds:8.3f}  "
+                     f"{p.alternative_fidelity.get(name, '-')}")
     if p.left_out:
         lines.append(f"left out (inclusion raised the predicted latency): {', '.join(p.left_out)}")
     return "\n".join(lines)
@@ -195,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-min", type=int, default=1)
     p.add_argument("--gpus-max", type=int, default=None, help="default: the whole pool")
     p.add_argument("--compile", action="store_true",
-                   help="whole-frame steps compiled (a job's model.compile): they cost less")
+                   help="steps compiled (a job's model.compile): they cost less")
+    p.add_argument("--quality", choices=QUALITIES, default=DEFAULT_QUALITY,
+                   help="the fidelity classes auto may pick (a job's parallelism.quality)")
+    p.add_argument("--exchange", choices=EXCHANGES, default=DEFAULT_EXCHANGE,
+                   help="the engine's band exchange to price: per-layer replays the measurements before issue 16")
     p.add_argument("--json", action="store_true", help="print the Plan as JSON")
     p.set_defaults(func=cmd_plan)
 

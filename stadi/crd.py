@@ -105,6 +105,7 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
     gpu_min = f"(has({gpus}) ? {_field(api.GpuRange, 'min', gpus)} : {api.GpuRange().min})"
     gpu_max = f"(has({gpus}) ? {_field(api.GpuRange, 'max', gpus)} : {api.GpuRange().max})"
     hybrid = f"!has(self.parallelism) || {strategy} != 'hybrid'"
+    pair = f"!has(self.parallelism) || !({strategy} in {_cel_list(api.PAIR_STRATEGIES)})"
     builtins = "{" + ", ".join(f"'{name}': '{family}'" for name, family in sorted(BUILTIN_MODELS.items())) + "}"
     return {
         "ModelSource": [
@@ -154,9 +155,9 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
                 "fieldPath": ".parallelism.strategy",
             },
             {
-                "rule": f"{hybrid} || ({gpu_min} <= {api.HYBRID_GPUS} && {api.HYBRID_GPUS} <= {gpu_max})",
-                "message": f"spec.parallelism.gpus must allow {api.HYBRID_GPUS}: strategy hybrid runs on exactly "
-                f"{api.HYBRID_GPUS} GPUs",
+                "rule": f"{pair} || ({gpu_min} <= {api.PAIR_GPUS} && {api.PAIR_GPUS} <= {gpu_max})",
+                "message": f"spec.parallelism.gpus must allow {api.PAIR_GPUS}: strategies "
+                f"{' and '.join(api.PAIR_STRATEGIES)} run on exactly {api.PAIR_GPUS} GPUs",
                 "fieldPath": ".parallelism.gpus",
             },
             {

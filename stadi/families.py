@@ -1,9 +1,9 @@
 """Per model family facts the planner and the API need: latent geometry and the affine cost constants.
 
 Cost constants are for one denoiser step on an H100 SXM (relative speed 1.0) replayed as a CUDA graph,
-fp16: ``c(h) = alpha_ms + beta_ms * batch * h * (latent_width / 128)``, plus ``band_exchange_ms`` on a step in
-which the rank exchanges band activations with other ranks; ``window_wait_drag`` slows a strided window's
-exchange step while it waits for the other ranks. Measured runs refine them.
+fp16: ``c(h) = alpha_ms + beta_ms * batch * h * (latent_width / 128)``, plus ``band_exchange_ms`` on a step that
+runs the per-layer band exchange; ``window_wait_drag`` slows a strided window's exchange step while it waits for
+the other ranks (the per-layer exchange only: stadi.planner.cost.EXCHANGES). Measured runs refine them.
 """
 
 from __future__ import annotations
@@ -38,11 +38,15 @@ class FamilyProfile:
     alpha_ms: float  # fixed cost of a step (launches, norms, text paths): small bands are not free
     beta_ms: float  # cost per latent row per batch item at latent width 128
     act_bytes_per_row: float  # activation bytes exchanged per latent row per batch item (fp16, width 128)
-    # fixed cost of a step in which the rank exchanges band activations with other ranks (its group splits
-    # rows), even overlapped: the per-layer collectives' NCCL kernels share the SMs with compute
+    # fixed cost of a step that runs the per-layer band exchange (its group splits rows), even overlapped: the
+    # per-layer collectives' NCCL kernels share the SMs with compute. Synchronous steps always run it; with the
+    # bucketed exchange stale steps do not. Fitted as the measured stale step less the band-alone compute, it
+    # also holds whatever reading the other bands' context costs (attention over their K/V): the bucketed
+    # prediction, which drops it from stale steps, is optimistic by that share until measured.
     band_exchange_ms: float
     # share of a rank's compute lost while its window-start exchange waits for ranks still running the local
-    # steps of their strides: the pending collective's NCCL kernel occupies SMs of that GPU meanwhile
+    # steps of their strides: the pending collective's NCCL kernel occupies SMs of that GPU meanwhile (the
+    # per-layer exchange; the bucketed one has nothing pending while a rank computes)
     window_wait_drag: float
     default_scheduler: str
     source: str  # where the constants come from

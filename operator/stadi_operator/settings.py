@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # kopf keeps handler progress and the last-handled spec in annotations with this prefix instead of its
@@ -48,7 +48,40 @@ class OperatorSettings(BaseSettings):
         "auto", description="Create Volcano PodGroups: auto = when podgroups.scheduling.volcano.sh exists."
     )
     worker_uid: int = Field(1000, ge=1, description="Non-root user the worker containers run as.")
+    # The workers' cache holds models copied from object storage and torch.compile's artifacts; on a volume that
+    # outlives the pod, the next job with the same model and sizes starts without copying or compiling again.
+    worker_cache_host_path: str | None = Field(
+        None, description="Mount this directory of the node as the workers' cache (else an emptyDir per pod).")
+    worker_cache_claim: str | None = Field(
+        None, description="Mount this PersistentVolumeClaim of the job's namespace as the workers' cache.")
     liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port when set.")
+
+    @field_validator("worker_cache_host_path", "worker_cache_claim", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("worker_cache_host_path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must be an absolute path on the node, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_cache(self) -> OperatorSettings:
+        if self.worker_cache_host_path and self.worker_cache_claim:
+            raise ValueError("set worker_cache_host_path or worker_cache_claim, not both")
+        return self
+
+    @property
+    def worker_cache(self) -> dict[str, Any]:
+        """The volume source of the workers' cache."""
+        if self.worker_cache_host_path:
+            return {"hostPath": {"path": self.worker_cache_host_path, "type": "DirectoryOrCreate"}}
+        if self.worker_cache_claim:
+            return {"persistentVolumeClaim": {"claimName": self.worker_cache_claim}}
+        return {"emptyDir": {}}
 
     @field_validator("namespaces", mode="before")
     @classmethod

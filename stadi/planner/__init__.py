@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stadi import gpus
-from stadi.api import DiffusionJobSpec, Plan
+from stadi.api import QUALITIES, DiffusionJobSpec, Plan, Quality
 from stadi.families import HYBRID_DEFAULTS, HybridSchedule, profile
-from stadi.planner.cost import LINKS, CostModel, default_link
+from stadi.planner.cost import DEFAULT_EXCHANGE, EXCHANGES, LINKS, CostModel, Exchange, default_link
+from stadi.planner.fidelity import DEFAULT_QUALITY
 from stadi.planner.search import Limits, search, to_plan
 from stadi.planner.strategies import Problem, Slot
 
@@ -51,7 +52,12 @@ class PlanRequest:
     gpus_max: int = 8
     link_gbytes_per_s: float | None = None
     hybrid: HybridSchedule | None = None  # strategy hybrid's schedule; None: the family's defaults
-    compiled: bool = False  # whole-frame steps compiled (spec.model.compile): they cost less
+    compiled: bool = False  # steps compiled (spec.model.compile): they cost less
+    quality: Quality = DEFAULT_QUALITY  # the fidelity classes auto may pick (spec.parallelism.quality)
+    # the strategies auto may choose (None: every one): a re-plan offers only those its engine can switch to
+    among: tuple[str, ...] | None = None
+    exchange: Exchange = DEFAULT_EXCHANGE  # the engine's band exchange (cost.EXCHANGES): "per-layer" replays
+    # the measurements taken before issue 16
 
     @classmethod
     def from_spec(cls, spec: DiffusionJobSpec, link_gbytes_per_s: float | None = None) -> PlanRequest:
@@ -71,14 +77,16 @@ class PlanRequest:
             link_gbytes_per_s=link_gbytes_per_s,
             hybrid=spec.hybrid_schedule,
             compiled=spec.model.compile,
+            quality=p.quality,
         )
 
 
 def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
-    """The plan with the minimum predicted latency (or the best plan of the requested strategy).
+    """The plan with the minimum predicted latency among those the request's quality admits (or the fastest
+    plan of the requested strategy, whatever its fidelity).
 
     Raises ValueError naming the problem when no plan fits (no usable GPU, too few GPUs, strategy needs
-    guidance, size not a multiple of the granularity).
+    guidance, size not a multiple of the granularity, nothing within the quality).
     """
     try:
         fam = profile(request.family)
@@ -114,16 +122,20 @@ def plan(request: PlanRequest, pool: Sequence[Device]) -> Plan:
         raise ValueError(
             f"parallelism.gpus.min is {request.gpus_min} but the pool has {len(slots)} usable GPU(s)"
         )
+    for name, value, allowed in (("quality", request.quality, QUALITIES), ("exchange", request.exchange, EXCHANGES)):
+        if value not in allowed:
+            raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
     link = request.link_gbytes_per_s
     if link is not None and not (math.isfinite(link) and link > 0):
         raise ValueError(f"link bandwidth {link} GB/s must be a finite number > 0")
     cost = CostModel(fam, request.height // fam.vae_factor, request.width // fam.vae_factor, link or 0.0,
-                     request.compiled)
+                     request.compiled, request.exchange)
     pb = Problem(cost, request.steps, request.warmup_steps, request.guidance, request.max_stride,
                  request.min_effective_steps, fixed_link=link is not None,
                  hybrid=(request.hybrid or HYBRID_DEFAULTS[request.family]) if request.family in HYBRID_DEFAULTS
                  else None)
-    chosen, best = search(pb, slots, Limits(request.strategy, request.gpus_min, request.gpus_max))
+    chosen, best = search(pb, slots, Limits(request.strategy, request.gpus_min, request.gpus_max, request.quality,
+                                                request.among))
     return to_plan(pb, chosen, best, slots + idle)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from stadi import gpus
 from stadi.families import FamilyProfile
@@ -15,11 +17,38 @@ LINKS: dict[str, float] = {"nvlink": 150.0, "pcie": 20.0, "network": 12.5}
 # One collective's fixed latency (launch + NCCL handshake) paid at every synchronisation point.
 COLLECTIVE_MS = 0.05
 
+# How the engine exchanges stale band context, which decides what a banded step pays (PlanRequest.exchange):
+# - "bucketed" (the engine since issue 16, the default): a window-start step copies its fresh activations into
+#   one send buffer, ONE bucketed all_gather per window starts after it and is waited for only at the next
+#   window start. Local steps have nothing of it in their way, and stale steps pay only the staging copies;
+#   synchronous (warmup) steps still run the per-layer exchange and pay band_exchange_ms. Banded steps run
+#   compiled when the job compiles (COMPILED_BAND). Predicted: not yet measured on two GPUs.
+# - "per-layer" (the engine measured in bench/results/speed-2xh200-*.json): ~190 per-layer collectives on
+#   every window-start step, each banded step paying band_exchange_ms, the window-start step of a strided
+#   window slowed while it waits (window_wait_drag), and banded steps never compiled.
+Exchange = Literal["bucketed", "per-layer"]
+EXCHANGES: tuple[str, ...] = ("bucketed", "per-layer")
+DEFAULT_EXCHANGE: Exchange = "bucketed"
+
 # A whole-frame step (one GPU, a CFG branch) compiled with torch.compile and replayed as a CUDA graph costs this
 # share of the uncompiled graph (spec.model.compile). On 2x H200: SD3 40.3 against 52.0 ms per full step and
 # 21.8 against 27.6 ms per branch (bench/results/speed-2xh200-compile.json against speed-2xh200-all.json);
-# SDXL 32.7 against 42.0 ms (issue 5's figures for the same host). Banded steps are not compiled.
+# SDXL 32.7 against 42.0 ms (issue 5's figures for the same host).
 COMPILED_WHOLE_FRAME = 0.78
+
+# Banded steps compiled: SD3 bands of 1024^2 (128 latent columns) alone on one H200, fp16, ms per step as a
+# CUDA graph and compiled inside the graph (issue 16): (rows, batch, graph, compiled).
+BAND_COMPILE_MS: tuple[tuple[int, int, float, float], ...] = (
+    (128, 2, 51.0, 41.6), (80, 2, 31.0, 24.7), (64, 2, 24.8, 19.9), (48, 2, 19.8, 15.1),
+    (128, 1, 26.5, 21.6), (80, 1, 17.2, 13.4),
+)
+# The median of their ratios (0.763 to 0.816; median 0.7996): compile saves about 20% at every band height, so
+# one share serves every height (and every family: SDXL's bands were not measured compiled).
+COMPILED_BAND = round(statistics.median(compiled / graph for _, _, graph, compiled in BAND_COMPILE_MS), 2)
+
+# Predicted, not measured: a device-to-device copy at speed 1.0 (an H100's 3.35 TB/s HBM3, every byte read and
+# written once). A bucketed exchange stages the rank's fresh activations into its send buffer at this rate.
+STAGING_GBYTES_PER_S = 1500.0
 
 
 @dataclass(frozen=True)
@@ -30,31 +59,63 @@ class CostModel:
     latent_height: int
     latent_width: int
     link_gbytes_per_s: float
-    compiled: bool = False  # whole-frame steps run compiled (spec.model.compile)
+    compiled: bool = False  # spec.model.compile: whole-frame steps run compiled, banded ones too if bucketed
+    exchange: Exchange = DEFAULT_EXCHANGE
 
     @property
     def width_scale(self) -> float:
         return self.latent_width / 128.0
 
-    def step_ms(self, rows: int, batch: int, speed: float, banded: bool = False) -> float:
-        """c_r(h) = (alpha + beta * b * h * W/128) / v_r, plus the band exchange's fixed cost when the rank
-        shares rows with other ranks (``banded``); a rank with no rows costs nothing."""
+    @property
+    def window_drag(self) -> float:
+        """The share of a waiting window-start step's pace lost to its pending per-layer collectives (none
+        when the exchange is bucketed: nothing is pending while a rank computes)."""
+        return self.profile.window_wait_drag if self.exchange == "per-layer" else 0.0
+
+    def step_ms(self, rows: int, batch: int, speed: float, banded: bool = False, synchronous: bool = False
+                ) -> float:
+        """c_r(h) = (alpha + beta * b * h * W/128) / v_r, plus the band exchange's fixed cost where the step
+        pays it (``affine``); a rank with no rows costs nothing."""
+        return self._at(self.affine(batch, banded, synchronous), rows, speed)
+
+    def compute_ms(self, rows: int, batch: int, speed: float, banded: bool = False) -> float:
+        """The step's compute alone, without any exchange (what a rank's profiled step measures)."""
+        return self._at(self.compute_affine(batch, banded), rows, speed)
+
+    def _at(self, affine: tuple[float, float], rows: int, speed: float) -> float:
         if rows <= 0:
             return 0.0
-        fixed, per_granule = self.affine(batch, banded)
+        fixed, per_granule = affine
         return (fixed + per_granule * rows / self.profile.granularity) / speed
 
-    def affine(self, batch: int, banded: bool = False) -> tuple[float, float]:
-        """(fixed cost, cost per granule of rows) of one step at speed 1: c(u granules) = (a + b * u) / v.
-
-        A banded step's fixed cost includes ``band_exchange_ms``: its per-layer collectives slow the step
-        even when overlapped, on every step the rank runs (a strided rank pays it on fewer steps). A
-        whole-frame step of a compiled job costs ``COMPILED_WHOLE_FRAME`` of the graph's."""
+    def compute_affine(self, batch: int, banded: bool = False) -> tuple[float, float]:
+        """(fixed cost, cost per granule of rows) of one step's compute at speed 1: c(u granules) = (a + b * u) / v.
+        A compiled job's whole-frame steps cost ``COMPILED_WHOLE_FRAME`` of the graph's, its banded steps
+        ``COMPILED_BAND`` (bucketed engine only: the per-layer one never compiled bands)."""
         p = self.profile
-        if banded:
-            return p.alpha_ms + p.band_exchange_ms, p.beta_ms * batch * p.granularity * self.width_scale
-        scale = COMPILED_WHOLE_FRAME if self.compiled else 1.0
+        scale = 1.0
+        if self.compiled and not banded:
+            scale = COMPILED_WHOLE_FRAME
+        elif self.compiled and self.exchange == "bucketed":
+            scale = COMPILED_BAND
         return p.alpha_ms * scale, p.beta_ms * batch * p.granularity * self.width_scale * scale
+
+    def affine(self, batch: int, banded: bool = False, synchronous: bool = False) -> tuple[float, float]:
+        """``compute_affine`` plus ``band_exchange_ms`` in the fixed cost of the banded steps that run per-layer
+        collectives: the synchronous ones, and with the per-layer exchange every one (its collectives' NCCL
+        kernels share the SMs with compute even when overlapped)."""
+        fixed, per_granule = self.compute_affine(batch, banded)
+        if banded and (synchronous or self.exchange == "per-layer"):
+            fixed += self.profile.band_exchange_ms
+        return fixed, per_granule
+
+    def staging_ms(self, rows: int, batch: int, speed: float) -> float:
+        """A bucketed window start's copies of the rank's fresh activations into the send buffer (the per-layer
+        exchange's are inside ``band_exchange_ms``). A copy kernel on a GPU at speed v gets v of its SMs."""
+        if self.exchange == "per-layer" or rows <= 0:
+            return 0.0
+        nbytes = self.profile.act_bytes_per_row * batch * rows * self.width_scale
+        return nbytes / (STAGING_GBYTES_PER_S * 1e9) * 1e3 / speed
 
     def exchange_ms(self, rows_received: int, batch: int) -> float:
         """Time to receive the other bands' activations for one step."""
@@ -64,9 +125,13 @@ class CostModel:
         return nbytes / (self.link_gbytes_per_s * 1e9) * 1e3
 
     def latent_exchange_ms(self) -> float:
-        """Time to swap one noise prediction (4-16 latent channels, fp16) between CFG branches."""
+        """Time to swap one noise prediction between CFG branches: one collective and its transfer."""
+        return COLLECTIVE_MS + self.latent_transfer_ms()
+
+    def latent_transfer_ms(self) -> float:
+        """Time to send one latent-sized tensor (4-16 latent channels, fp16) over the link."""
         nbytes = 16 * 2 * self.latent_height * self.latent_width
-        return COLLECTIVE_MS + nbytes / (self.link_gbytes_per_s * 1e9) * 1e3
+        return nbytes / (self.link_gbytes_per_s * 1e9) * 1e3
 
 
 def default_link(gpus_at: Iterable[tuple[str, str | None]]) -> float:

@@ -7,21 +7,22 @@ from collections.abc import Sequence
 
 from stadi.api import Plan
 from stadi.families import HybridSchedule, profile
-from stadi.planner.cost import CostModel
+from stadi.planner.cost import DEFAULT_EXCHANGE, CostModel, Exchange
 from stadi.planner.hybrid import StageCut, hybrid_seconds
 from stadi.planner.stage_split import reference_units
-from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_seconds
+from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_seconds, cfg_stride_seconds
 
 
 def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride: int, min_effective: int,
-                    link_gbytes_per_s: float, compiled: bool = False) -> float:
+                    link_gbytes_per_s: float, compiled: bool = False, exchange: Exchange = DEFAULT_EXCHANGE
+                    ) -> float:
     """Seconds the planner's cost model predicts for ``plan`` with rank ``r`` at ``speeds[r]`` (the same
-    formulas the strategies use to rank candidates; idle ranks cost nothing; ``compiled``: the job's
-    whole-frame steps are)."""
+    formulas the strategies use to rank candidates; idle ranks cost nothing; ``compiled``: the job's steps
+    are; ``exchange``: the engine's band exchange, ``cost.EXCHANGES``)."""
     if len(speeds) != len(plan.ranks) or any(v <= 0 for v in speeds):
         raise ValueError(f"need one positive speed per rank, got {list(speeds)}")
     fam = profile(plan.family)
-    cost = CostModel(fam, plan.latent_height, plan.latent_width, link_gbytes_per_s, compiled)
+    cost = CostModel(fam, plan.latent_height, plan.latent_width, link_gbytes_per_s, compiled, exchange)
     if plan.strategy == "hybrid":
         return _hybrid_seconds(plan, cost, speeds)
     pb = Problem(cost, plan.steps, warmup, plan.guidance, max_stride, min_effective, fixed_link=True)
@@ -42,6 +43,8 @@ def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride
     swap = cost.latent_exchange_ms() if len(groups) > 1 else 0.0
     if plan.strategy == "cfg":
         return plan.steps * (max(t[0] for t in times) + swap) / 1e3
+    if plan.strategy == "cfg-stride":  # groups in branch order: cond, uncond
+        return cfg_stride_seconds(pb, times[0][0], times[1][0], groups[1].strides[0])
     return _windowed_seconds(pb, max(t[0] for t in times) + swap, max(t[1] for t in times) + swap,
                              plan.sync_period)
 

@@ -57,8 +57,8 @@ def window_step_ms(cost: CostModel, units: Sequence[Unit], speeds: Sequence[floa
 
 def hybrid_seconds(cost: CostModel, steps: int, schedule: HybridSchedule, units: Sequence[Unit],
                    speeds: Sequence[float], cut: StageCut) -> float:
-    """Predicted seconds of one image (its steps are never compiled: the worker compiles whole-frame steps
-    only, and the split step runs through the stage code)."""
+    """Predicted seconds of one image (its steps are never compiled: the split step and the stages run
+    through the stage code, which the worker does not compile)."""
     cost = replace(cost, compiled=False)
     n = window_steps(steps, schedule)
     split = split_step_ms(cost, speeds)

@@ -7,7 +7,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from stadi.api import HybridPlan, Plan, RankPlan
+from stadi.api import FIDELITIES, GUIDANCE_SPLITS, HybridPlan, Plan, RankPlan
+from stadi.planner.fidelity import ADMITS, DEFAULT_QUALITY, classify
 from stadi.planner.strategies import STRATEGIES, Assignment, Candidate, Problem, Slot
 
 # Up to this many distinct sub-multisets of the pool (7 GPUs of distinct speeds) are searched exhaustively,
@@ -17,11 +18,18 @@ EXHAUSTIVE_SUBSETS = 128
 
 @dataclass(frozen=True)
 class Limits:
-    """What the job allows: strategy and GPU count."""
+    """What the job allows: strategy, GPU count, and the fidelity classes auto may pick (``quality``)."""
 
     strategy: str = "auto"
     gpus_min: int = 1
     gpus_max: int = 8
+    quality: str = DEFAULT_QUALITY
+    among: tuple[str, ...] | None = None  # the strategies auto may choose; None: every one
+
+    @property
+    def admitted(self) -> tuple[str, ...]:
+        """The fidelity classes that may be chosen: the quality's under auto; a named strategy runs as asked."""
+        return ADMITS[self.quality] if self.strategy == "auto" else FIDELITIES
 
 
 def subsets(slots: Sequence[Slot], low: int, high: int) -> Iterator[tuple[Slot, ...]]:
@@ -43,35 +51,60 @@ def subsets(slots: Sequence[Slot], low: int, high: int) -> Iterator[tuple[Slot, 
             yield tuple(slots[:k])
 
 
+def fidelity(pb: Problem, cand: Candidate) -> str:
+    """The candidate's fidelity class (``stadi.planner.fidelity.classify``)."""
+    strides = [k for g in cand.groups for k in g.strides]
+    return classify(pb.cost.profile.family, cand.strategy, strides, any(g.banded for g in cand.groups),
+                    min(pb.warmup, pb.steps) >= pb.steps)
+
+
 def search(pb: Problem, slots: Sequence[Slot], limits: Limits) -> tuple[Candidate, dict[str, Candidate]]:
-    """The chosen candidate and the best candidate of every strategy that applies."""
-    best: dict[str, Candidate] = {}
+    """The chosen candidate and every applicable strategy's: its best admitted one, or its fastest when it
+    has none (shown, never chosen by auto).
+
+    Each strategy keeps its best candidate per fidelity class, since a slower arrangement of it (smaller
+    strides) may be within the bound where its fastest is not. Ties between strategies go to the more exact
+    class.
+    """
+    best: dict[tuple[str, str], Candidate] = {}
     high = min(limits.gpus_max, len(slots))
     for subset in subsets(slots, limits.gpus_min, high):
         on_subset = pb.on(subset)
         for name, strategy in STRATEGIES.items():
-            cand = strategy(on_subset, subset)
-            if cand is not None and (name not in best or cand.order() < best[name].order()):
-                best[name] = cand
+            for cand in strategy(on_subset, subset):
+                key = (name, fidelity(pb, cand))
+                if key not in best or cand.order() < best[key].order():
+                    best[key] = cand
+    admitted = limits.admitted
+
+    def rank(key: tuple[str, str]) -> tuple[bool, tuple[float, int, int, int], int]:
+        return key[1] not in admitted, best[key].order(), FIDELITIES.index(key[1])
+
+    shown = {name: best[min((k for k in best if k[0] == name), key=rank)] for name, _ in best}
     if limits.strategy == "auto":
+        choices = [k for k in best if k[1] in admitted and (limits.among is None or k[0] in limits.among)]
         if not best:
             raise ValueError("no strategy fits this pool and job")
-        chosen = min(best.values(), key=Candidate.order)
-    elif limits.strategy in best:
-        chosen = best[limits.strategy]
+        if not choices:
+            raise ValueError(f"no plan of fidelity {' or '.join(admitted)} (parallelism.quality "
+                             f"{limits.quality!r}) fits this pool and job; the strategies that fit are "
+                             f"{', '.join(f'{n} ({f})' for n, f in sorted(best))}")
+        chosen = best[min(choices, key=rank)]
+    elif limits.strategy in shown:
+        chosen = shown[limits.strategy]
     else:
         raise ValueError(_why_not(limits.strategy, pb, len(slots), limits))
-    return chosen, best
+    return chosen, shown
 
 
 def _why_not(strategy: str, pb: Problem, usable: int, limits: Limits) -> str:
-    if strategy in ("cfg", "stadi+cfg", "hybrid") and not pb.guidance:
+    if strategy in GUIDANCE_SPLITS and not pb.guidance:
         return f"strategy {strategy!r} splits the guidance branches and needs guidanceScale > 1"
     if strategy == "hybrid" and pb.hybrid is None:
         return f"strategy 'hybrid' has no stage split for model family {pb.cost.profile.family!r}"
     if strategy == "single":
         return f"strategy 'single' uses one GPU but parallelism.gpus.min is {limits.gpus_min}"
-    if strategy in ("cfg", "hybrid"):
+    if strategy in ("cfg", "cfg-stride", "hybrid"):
         return f"strategy {strategy!r} needs exactly 2 GPUs within parallelism.gpus; the pool allows {usable}"
     bands = pb.granules * (2 if strategy == "stadi+cfg" else 1)
     if limits.gpus_min > bands:
@@ -104,7 +137,8 @@ def launch_order(ranks: Sequence[Assignment]) -> list[Assignment]:
 
 
 def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: Sequence[Slot]) -> Plan:
-    """The pydantic Plan of a candidate, with every strategy's prediction and the GPUs left out."""
+    """The pydantic Plan of a candidate, with every strategy's prediction and fidelity class and the GPUs
+    left out."""
     ranks = launch_order(chosen.ranks(pb.cost))
     used = {id(a.slot) for a in ranks}
     return Plan(
@@ -134,6 +168,8 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
         warmup_steps=min(pb.warmup, pb.steps) if len(ranks) > 1 else 0,
         predicted_seconds=round(chosen.seconds, 6),
         alternatives={name: round(c.seconds, 6) for name, c in best.items()},
+        fidelity=fidelity(pb, chosen),  # type: ignore[arg-type]
+        alternative_fidelity={name: fidelity(pb, c) for name, c in best.items()},  # type: ignore[misc]
         left_out=[_describe(s) for s in slots if id(s) not in used],
         hybrid=_hybrid_plan(pb, chosen),
     )

@@ -78,7 +78,7 @@ class Group:
 
     @property
     def banded(self) -> bool:
-        """Whether the ranks split the rows: then every step each runs pays the band exchange's fixed cost."""
+        """Whether the ranks split the rows: then they exchange band context (``CostModel.affine``)."""
         return len(self.slots) > 1
 
     def assignments(self, cost: CostModel) -> list[Assignment]:
@@ -114,10 +114,11 @@ def _window_busy(steps: Sequence[float], strides: Sequence[int], drag: float) ->
     of c_r = ``steps[r]`` ms, and only the first (the window start) exchanges.
 
     After it, rank r runs l_r = (n_r - 1) * c_r ms of local steps, so the rank of the longest run, L = max l,
-    reaches the next window start last. Every other rank's exchange there waits L - l_r for it with its
-    collective pending, which holds SMs of its GPU: the rank's step runs at (1 - drag) of its pace meanwhile
-    (``FamilyProfile.window_wait_drag``), so busy_r = n_r * c_r + drag * (L - l_r). With stride 1 everywhere
-    nothing waits. (A rank whose step would end within its wait is not the busiest either way.)
+    reaches the next window start last. With the per-layer exchange every other rank's exchange there waits
+    L - l_r for it with its collectives pending, which hold SMs of its GPU: the rank's step runs at (1 - drag)
+    of its pace meanwhile (``FamilyProfile.window_wait_drag``), so busy_r = n_r * c_r + drag * (L - l_r).
+    With the bucketed exchange (drag 0) or stride 1 everywhere nothing waits: busy_r = n_r * c_r. (A rank
+    whose step would end within its wait is not the busiest either way.)
     """
     period = sync_period(strides)
     if period == 1:
@@ -130,19 +131,32 @@ def _window_busy(steps: Sequence[float], strides: Sequence[int], drag: float) ->
 def _times(pb: Problem, group: Group) -> tuple[float, float]:
     """A group's synchronous-step time and window time (ms).
 
-    Stale steps overlap the exchange with compute (each banded step still pays the band exchange's fixed
-    cost); a window costs its busiest rank's P / k_r steps (the exchange step slowed while it waits for
-    ranks on local steps, ``_window_busy``) or the exchange, whichever is longer, plus one collective.
-    Synchronous steps wait for every layer's exchange, so there the communication is exposed in full.
+    Synchronous steps wait for every layer's exchange, so there the communication is exposed in full (and
+    each banded step pays ``band_exchange_ms``). A window costs its busiest rank's P / k_r steps
+    (``_window_busy``) or the exchange, whichever is longer, plus one collective:
+    - per-layer exchange: each layer's collective overlaps the layers after it in the window-start step, so
+      the window is max(busiest, exchange);
+    - bucketed exchange: the one all_gather starts once the last rank has finished its window-start step
+      (with its staging copies) and is waited for at the next window start, so it overlaps the local steps
+      only: the window is max(busiest, slowest window-start step + exchange). With stride 1 everywhere (patch)
+      nothing overlaps it.
     """
-    fixed, per_granule = pb.cost.affine(group.batch, group.banded)
+    cost = pb.cost
+    fixed, per_granule = cost.affine(group.batch, group.banded)
     steps = [(fixed + per_granule * u) / s.speed for s, u in zip(group.slots, group.units, strict=True)]
     if len(steps) == 1:
         return steps[0], steps[0]
-    received = (pb.granules - min(group.units)) * pb.cost.profile.granularity
-    comm = pb.cost.exchange_ms(received, group.batch)
-    busiest = max(_window_busy(steps, group.strides, pb.cost.profile.window_wait_drag))
-    return max(steps) + comm + COLLECTIVE_MS, max(busiest, comm) + COLLECTIVE_MS
+    granularity = cost.profile.granularity
+    sync_extra = cost.affine(group.batch, group.banded, synchronous=True)[0] - fixed
+    sync = max(t + sync_extra / s.speed for t, s in zip(steps, group.slots, strict=True))
+    comm = cost.exchange_ms((pb.granules - min(group.units)) * granularity, group.batch)
+    per_granule_staging = cost.staging_ms(granularity, group.batch, 1.0)  # linear in rows and 1 / speed
+    starts = [t + per_granule_staging * u / s.speed
+              for t, s, u in zip(steps, group.slots, group.units, strict=True)]  # window-start steps
+    busy = max(b + a - t for b, a, t in zip(_window_busy(steps, group.strides, cost.window_drag), starts, steps,
+                                            strict=True))
+    exchange = comm if cost.exchange == "per-layer" else max(starts) + comm
+    return sync + comm + COLLECTIVE_MS, max(busy, exchange) + COLLECTIVE_MS
 
 
 def _windowed_seconds(pb: Problem, sync_step: float, window: float, period: int) -> float:
@@ -156,10 +170,11 @@ def _multipliers(pb: Problem, slots: Sequence[Slot], strides: Sequence[int]) -> 
 
     By ``_window_busy`` a rank's window time is (n_r - drag * (n_r - 1)) * c_r + drag * L with n_r = P / k_r,
     the last term the same for every rank: equal window times need equal (n_r - drag * (n_r - 1)) * c_r
-    (n_r without a drag), c_r being the step time at speed 1 over the rank's speed.
+    (n_r * c_r with the bucketed exchange, whose drag is 0), c_r being the step time at speed 1 over the
+    rank's speed.
     """
     period = sync_period(strides)
-    drag = pb.cost.profile.window_wait_drag
+    drag = pb.cost.window_drag
     return [(period // k - drag * (period // k - 1)) / s.speed for s, k in zip(slots, strides, strict=True)]
 
 
@@ -187,37 +202,78 @@ def _floored(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
     return Group(tuple(slots), tuple(1 + u for u in extra), tuple(strides), branch, batch)
 
 
-def single(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
+def single(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     """The whole image on the fastest GPU."""
     if len(slots) != 1:
-        return None
+        return []
     group = Group(tuple(slots), (pb.granules,), (1,), "both", pb.batch)
-    return Candidate("single", pb.steps * _times(pb, group)[0] / 1e3, (group,))
+    return [Candidate("single", pb.steps * _times(pb, group)[0] / 1e3, (group,))]
 
 
-def patch(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
+def patch(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     """Equal bands, every step, stale activations after warmup (DistriFusion)."""
     if not 2 <= len(slots) <= pb.granules:
-        return None
+        return []
     group = Group(tuple(slots), tuple(equal_units(len(slots), pb.granules)), (1,) * len(slots), "both", pb.batch)
-    return Candidate("patch", _windowed_seconds(pb, *_times(pb, group), 1), (group,))
+    return [Candidate("patch", _windowed_seconds(pb, *_times(pb, group), 1), (group,))]
 
 
-def cfg(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
+def cfg(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     """Conditional and unconditional branch on one GPU each, predictions swapped every step (Hybridiff)."""
     if not pb.guidance or len(slots) != 2:
-        return None
+        return []
     groups = tuple(
         Group((s,), (pb.granules,), (1,), branch, 1) for s, branch in zip(slots, ("cond", "uncond"), strict=True)
     )
     step = max(_times(pb, g)[0] for g in groups) + pb.cost.latent_exchange_ms()
-    return Candidate("cfg", pb.steps * step / 1e3, groups)
+    return [Candidate("cfg", pb.steps * step / 1e3, groups)]
 
 
-def stadi(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
-    """Elastic bands and strided sub-grids: the best stride vector by predicted latency."""
+def cfg_stride_seconds(pb: Problem, cond_ms: float, uncond_ms: float, stride: int) -> float:
+    """Strategy cfg-stride's latency: the cond rank's steps take ``cond_ms``, the uncond rank's ``uncond_ms``.
+
+    Warmup (at least one step: the first window needs an unconditional prediction) and the lead of
+    (T - W) mod k steps run as cfg. Then (T - W) // k windows of k steps: at each window start but the first
+    (after the lead both ranks hold the latent) one collective swaps the cond rank's latent and the uncond
+    rank's prediction; the cond rank then takes the k steps alone while the uncond rank evaluates its branch
+    once on that latent, so a window costs max(k * c_cond, c_uncond + the latent's transfer) + a collective.
+    The last window is the cond rank's k steps alone: nobody reads the uncond rank's prediction after it.
+    """
+    warm = max(1, min(pb.warmup, pb.steps))
+    lead = warm + (pb.steps - warm) % stride
+    windows = (pb.steps - warm) // stride
+    cost = pb.cost
+    split = lead * (max(cond_ms, uncond_ms) + cost.latent_exchange_ms())
+    if windows == 0:
+        return split / 1e3
+    window = max(stride * cond_ms, uncond_ms + cost.latent_transfer_ms()) + COLLECTIVE_MS
+    return (split + (windows - 1) * window + stride * cond_ms) / 1e3
+
+
+def cfg_stride(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
+    """Branch strides on two GPUs: the faster runs the cond branch every step, the slower its uncond branch
+    once per window of k steps (``cfg_stride_seconds``), k within the same caps as stadi's strides
+    (maxStride, minEffectiveSteps on the uncond evaluations); the cond rank guides along the guidance direction
+    of the last uncond prediction it received, k to 2k - 1 steps old."""
+    if not pb.guidance or len(slots) != 2:
+        return []
+    fast, slow = slots
+    cond = Group((fast,), (pb.granules,), (1,), "cond", 1)
+    cond_ms = _times(pb, cond)[0]
+    warm = min(pb.warmup, pb.steps)
+    cap = stride_cap(slow.speed, fast.speed, pb.max_stride, pb.steps, warm, pb.min_effective_steps)
+    out = []
+    for k in range(1, cap + 1):
+        uncond = Group((slow,), (pb.granules,), (k,), "uncond", 1)
+        seconds = cfg_stride_seconds(pb, cond_ms, _times(pb, uncond)[0], k)
+        out.append(Candidate("cfg-stride", seconds, (cond, uncond), k))
+    return out
+
+
+def stadi(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
+    """Elastic bands and strided sub-grids: one candidate per stride vector, and equal bands at stride 1."""
     if not 2 <= len(slots) <= pb.granules:
-        return None  # more ranks than granules: some would get no band, and a smaller set covers that
+        return []  # more ranks than granules: some would get no band, and a smaller set covers that
     fastest = slots[0].speed
     warm = min(pb.warmup, pb.steps)
     caps = [stride_cap(s.speed, fastest, pb.max_stride, pb.steps, warm, pb.min_effective_steps) for s in slots]
@@ -226,21 +282,18 @@ def stadi(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
     # Equal bands with stride 1 are in the search so that stadi can never predict worse than patch.
     groups.append(Group(tuple(slots), tuple(equal_units(len(slots), pb.granules)), (1,) * len(slots), "both",
                         pb.batch))
-    best: Candidate | None = None
+    out = []
     for group in groups:
-        if group is None:
-            continue
-        period = sync_period(group.strides)
-        cand = Candidate("stadi", _windowed_seconds(pb, *_times(pb, group), period), (group,), period)
-        if best is None or cand.order() < best.order():
-            best = cand
-    return best
+        if group is not None:
+            period = sync_period(group.strides)
+            out.append(Candidate("stadi", _windowed_seconds(pb, *_times(pb, group), period), (group,), period))
+    return out
 
 
-def stadi_cfg(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
+def stadi_cfg(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     """Two groups of balanced aggregate speed, one per guidance branch, each with elastic bands."""
     if not pb.guidance or not 2 <= len(slots) <= 2 * pb.granules:
-        return None
+        return []
     members: tuple[list[Slot], list[Slot]] = ([], [])
     speed = [0.0, 0.0]
     for s in slots:  # fastest first, each to the group with less speed so far
@@ -251,32 +304,36 @@ def stadi_cfg(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
     for group_slots, branch in zip(members, ("cond", "uncond"), strict=True):
         group = _elastic(pb, group_slots, [1] * len(group_slots), 1, branch)
         if group is None:
-            return None
+            return []
         groups.append(group)
     times = [_times(pb, g) for g in groups]
     swap = pb.cost.latent_exchange_ms()
     seconds = _windowed_seconds(pb, max(t[0] for t in times) + swap, max(t[1] for t in times) + swap, 1)
-    return Candidate("stadi+cfg", seconds, tuple(groups))
+    return [Candidate("stadi+cfg", seconds, tuple(groups))]
 
 
-def hybrid(pb: Problem, slots: Sequence[Slot]) -> Candidate | None:
+def hybrid(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     """Condition split as in cfg, and a pipeline window in which the two GPUs run the two stages of the
     denoiser, cut where their stage times balance."""
     if not pb.guidance or len(slots) != 2 or pb.hybrid is None:
-        return None
+        return []
     units = reference_units(pb.cost.profile.family, pb.cost.latent_height, pb.cost.latent_width)
     speeds = [s.speed for s in slots]
     cut = best_cut(pb.cost, units, speeds)
     stages = {cut.stage0: (0, cut.boundary), 1 - cut.stage0: (cut.boundary, cut.units)}
     groups = tuple(Group((s,), (pb.granules,), (1,), branch, 1, stages[i])
                    for i, (s, branch) in enumerate(zip(slots, ("cond", "uncond"), strict=True)))
-    return Candidate("hybrid", hybrid_seconds(pb.cost, pb.steps, pb.hybrid, units, speeds, cut), groups, cut=cut)
+    return [Candidate("hybrid", hybrid_seconds(pb.cost, pb.steps, pb.hybrid, units, speeds, cut), groups,
+                      cut=cut)]
 
 
-STRATEGIES: dict[str, Callable[[Problem, Sequence[Slot]], Candidate | None]] = {
+# Each strategy's candidates on one set of GPUs (none where it does not apply); the search keeps the best of
+# each fidelity class (stadi.planner.fidelity).
+STRATEGIES: dict[str, Callable[[Problem, Sequence[Slot]], list[Candidate]]] = {
     "single": single,
     "patch": patch,
     "cfg": cfg,
+    "cfg-stride": cfg_stride,
     "stadi": stadi,
     "stadi+cfg": stadi_cfg,
     "hybrid": hybrid,

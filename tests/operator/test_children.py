@@ -163,3 +163,34 @@ def test_non_consecutive_ranks_of_a_node_are_refused() -> None:
     plan.ranks[0].node = "gpu-a"
     with pytest.raises(ValueError, match="not consecutive"):
         ch.pod_slots(plan)
+
+
+def test_workers_cache_is_the_volume_the_operator_was_given() -> None:
+    """Models and compiled artifacts go to /var/cache/stadi: an emptyDir by default, a node directory or a claim
+    when the operator's settings name one (the next job then loads instead of copying and compiling)."""
+    from stadi_operator.settings import OperatorSettings
+
+    def cache_volume(settings: OperatorSettings) -> dict:
+        pod = build(cache=settings.worker_cache)["Pod"][0]
+        assert {"name": "cache", "mountPath": "/var/cache/stadi"} in pod["spec"]["containers"][0]["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["STADI_CACHE"] == "/var/cache/stadi"
+        return next(v for v in pod["spec"]["volumes"] if v["name"] == "cache")
+
+    assert cache_volume(OperatorSettings()) == {"name": "cache", "emptyDir": {}}
+    assert cache_volume(OperatorSettings(worker_cache_host_path="/var/cache/stadi")) == {
+        "name": "cache", "hostPath": {"path": "/var/cache/stadi", "type": "DirectoryOrCreate"}}
+    assert cache_volume(OperatorSettings(worker_cache_claim="stadi-cache", worker_cache_host_path=" ")) == {
+        "name": "cache", "persistentVolumeClaim": {"claimName": "stadi-cache"}}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"worker_cache_host_path": "cache/stadi"}, "must be an absolute path on the node"),
+    ({"worker_cache_host_path": "/var/cache/stadi", "worker_cache_claim": "c"}, "not both"),
+])
+def test_a_bad_workers_cache_is_refused_by_name(fields: dict, message: str) -> None:
+    from pydantic import ValidationError
+    from stadi_operator.settings import OperatorSettings
+
+    with pytest.raises(ValidationError, match=message):
+        OperatorSettings(**fields)

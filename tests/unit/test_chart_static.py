@@ -284,6 +284,23 @@ def test_operator_deployment_is_locked_down() -> None:
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
 
+def test_workers_cache_volume_is_passed_to_the_operator() -> None:
+    """operator.workerCache names a node directory or a claim for the workers' cache; both at once is refused."""
+    env = {e["name"]: e.get("value") for e in one(render("operator.workerCache.hostPath=/var/cache/stadi"),
+                                                     "Deployment", "stadi-operator", NAMESPACE)
+           ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STADI_OPERATOR_WORKER_CACHE_HOST_PATH"] == "/var/cache/stadi"
+    assert env["STADI_OPERATOR_WORKER_CACHE_CLAIM"] == ""
+    binary = helm_binary()
+    if binary is None:
+        pytest.skip("helm not found")
+    for bad in (["operator.workerCache.hostPath=/a", "operator.workerCache.claim=c"],
+                ["operator.workerCache.hostPath=relative"]):
+        done = subprocess.run([binary, "template", RELEASE, str(CHART), *(a for b in bad for a in ("--set", b))],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode != 0 and "schema" in done.stderr, bad
+
+
 def test_operator_can_be_left_out() -> None:
     docs = render("operator.enabled=false")
     assert not [d for d in docs if d["kind"] == "Deployment"]

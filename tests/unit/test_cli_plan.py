@@ -40,8 +40,10 @@ def test_table_names_strategy_and_ranks(capsys: pytest.CaptureFixture[str]) -> N
         assert f"[{r.rows[0]}, {r.rows[1]})" in line
         assert line.split()[-3] == str(r.stride)
     assert "strategies compared" in out
-    for name in p.alternatives:
-        assert any(line.split()[-2:-1] == [name] for line in out.splitlines()), name
+    assert f"fidelity {p.fidelity} " in out.splitlines()[0]
+    for name, seconds in p.alternatives.items():
+        row = [name, f"{seconds:.3f}", p.alternative_fidelity[name]]
+        assert any(line.split()[-3:] == row for line in out.splitlines()), row
     assert f"* {p.strategy}" in out
 
 
@@ -174,7 +176,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     good = subprocess.run([str(script), *ACCEPTANCE, "--json"], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path)
     assert good.returncode == 0, good.stderr
-    assert Plan.model_validate_json(good.stdout).strategy == "stadi"
+    assert Plan.model_validate_json(good.stdout).strategy == "cfg-stride"
     bad = subprocess.run([str(script), "plan", "--gpus", "L4:2"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
     assert bad.returncode == 2
@@ -182,13 +184,35 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert bad.stderr.count("\n") == 1 and "out of range" in bad.stderr
 
 
-def test_compile_prices_whole_frame_steps_only(capsys: pytest.CaptureFixture[str]) -> None:
-    """--compile (a job's model.compile): single and cfg get cheaper by the compiled share, banded plans do not,
-    so on an H100 beside a half-loaded one the compiled single GPU beats stadi's bands."""
-    _, plain = run_json(capsys, "plan", "--gpus", "H100,H100:0.5", "--model", "sd3")
-    _, compiled = run_json(capsys, "plan", "--gpus", "H100,H100:0.5", "--model", "sd3", "--compile")
+def test_compile_prices_compiled_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    """--compile (a job's model.compile): single and cfg get cheaper by the whole frame's compiled share, banded
+    plans by the band's; with --exchange per-layer (the engine that compiled whole frames only) banded plans do
+    not, so on an H100 beside a half-loaded one the compiled single GPU beats stadi's bands there."""
+    base = ("plan", "--gpus", "H100,H100:0.5", "--model", "sd3")
+    _, plain = run_json(capsys, *base)
+    _, compiled = run_json(capsys, *base, "--compile")
     assert compiled.alternatives["single"] == pytest.approx(COMPILED_WHOLE_FRAME * plain.alternatives["single"],
                                                             rel=1e-3)
     assert compiled.alternatives["cfg"] < plain.alternatives["cfg"]
-    assert compiled.alternatives["patch"] == plain.alternatives["patch"]
-    assert (plain.strategy, compiled.strategy) == ("stadi", "single")
+    assert compiled.alternatives["patch"] < plain.alternatives["patch"]
+    assert (plain.strategy, compiled.strategy) == ("cfg-stride", "cfg-stride")
+    assert compiled.alternatives["stadi"] < compiled.alternatives["single"]
+    _, old_plain = run_json(capsys, *base, "--exchange", "per-layer")
+    _, old = run_json(capsys, *base, "--exchange", "per-layer", "--compile")
+    assert old.alternatives["patch"] == old_plain.alternatives["patch"]
+    assert old_plain.alternatives["stadi"] < old_plain.alternatives["single"]
+    assert old.alternatives["single"] < old.alternatives["stadi"]
+
+
+def test_quality_limits_what_auto_picks(capsys: pytest.CaptureFixture[str]) -> None:
+    """--quality (a job's parallelism.quality) on an H100 beside one at a quarter of its speed: exact keeps auto
+    to exact plans (the H100 alone: cfg waits for the loaded GPU), balanced to the measured bound (stadi at
+    strides (1, 3)), fastest lets it take stride 4, never measured."""
+    base = ("plan", "--gpus", "H100,H100:0.75", "--model", "sd3", "--min-effective-steps", "10")
+    _, balanced = run_json(capsys, *base)
+    _, exact = run_json(capsys, *base, "--quality", "exact")
+    _, fastest = run_json(capsys, *base, "--quality", "fastest")
+    assert (balanced.fidelity, exact.fidelity, fastest.fidelity) == ("bounded", "exact", "approximate")
+    assert (balanced.strategy, exact.strategy, fastest.strategy) == ("stadi", "single", "stadi")
+    assert [r.stride for r in balanced.ranks] == [1, 3] and [r.stride for r in fastest.ranks] == [1, 4]
+    assert fastest.predicted_seconds < balanced.predicted_seconds < exact.predicted_seconds

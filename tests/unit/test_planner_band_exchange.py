@@ -3,7 +3,9 @@
 bench/results/speed-2xh200-graphs.json: SDXL and SD3 at 1024^2, 50 steps, CFG, CUDA graphs, on two H200s
 over NVLink; level "100" both GPUs whole, level "50" the second confined to 50% of its SMs (CUDA MPS). Each
 model's ``measured_speeds`` (from the run's full-frame serial steps, on the profiles' H100 scale) are the
-planner's input speeds; ``latency_ms`` of each strategy is the measured wall time of one image.
+planner's input speeds; ``latency_ms`` of each strategy is the measured wall time of one image. Those runs
+exchanged band context per layer on every stale step, so their plans are priced with ``exchange="per-layer"``;
+with the default bucketed exchange only synchronous steps pay ``band_exchange_ms``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from stadi.planner.evaluate import predict_seconds
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "speed-2xh200-graphs.json"
 COMPARED = ("single", "patch", "cfg", "stadi")
-SDXL_1024 = PlanRequest("sdxl", 1024, 1024, steps=50)
+SDXL_1024 = PlanRequest("sdxl", 1024, 1024, steps=50, exchange="per-layer")
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +38,20 @@ def on_h200s(measured: dict[str, Any], level: str, family: str) -> tuple[dict[st
     """(predicted, measured) seconds per compared strategy, planned at the run's measured speeds."""
     run = measured[level]["models"][family]
     pool = [Device("H200", node="local", index=i, speed=v) for i, v in enumerate(run["measured_speeds"])]
-    p = plan(PlanRequest(family, 1024, 1024, steps=50), pool)
+    p = plan(replace(SDXL_1024, family=family), pool)
     return ({s: p.alternatives[s] for s in COMPARED},
             {s: run["strategies"][s]["latency_ms"] / 1e3 for s in COMPARED})
 
 
 def test_banded_step_pays_the_exchange_and_a_whole_frame_does_not() -> None:
     sdxl = PROFILES["sdxl"]
-    cost = CostModel(sdxl, 128, 128, LINKS["nvlink"])
+    cost = CostModel(sdxl, 128, 128, LINKS["nvlink"], exchange="per-layer")
     assert cost.step_ms(64, 2, 0.5, banded=True) - cost.step_ms(64, 2, 0.5) == pytest.approx(
         sdxl.band_exchange_ms / 0.5)
+    # bucketed: a stale banded step runs no per-layer collective, a synchronous one still does
+    bucketed = replace(cost, exchange="bucketed")
+    assert bucketed.step_ms(64, 2, 0.5, banded=True) == bucketed.step_ms(64, 2, 0.5)
+    assert bucketed.step_ms(64, 2, 0.5, banded=True, synchronous=True) == cost.step_ms(64, 2, 0.5, banded=True)
 
     two = plan(replace(SDXL_1024, strategy="patch"), [Device("H100"), Device("H100")])
     assert [r.predicted_step_ms for r in two.ranks] == pytest.approx([9 + sdxl.band_exchange_ms + 0.13 * 2 * 64] * 2)
@@ -58,18 +64,25 @@ def test_banded_step_pays_the_exchange_and_a_whole_frame_does_not() -> None:
 
 
 def test_every_step_a_rank_runs_pays_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Patch on two equal H100s: 50 banded steps, so the image costs 50 * band_exchange_ms more. With stride
-    2 on the second of (H100, H100 at half load), the window holds 2 fast and 1 slow step: all pay it."""
+    """Per-layer exchange: patch on two equal H100s runs 50 banded steps, so the image costs
+    50 * band_exchange_ms more. With stride 2 on the second of (H100, H100 at half load), the window holds 2
+    fast and 1 slow step: all pay it. Bucketed exchange: only the synchronous steps do."""
     sdxl = PROFILES["sdxl"]
     p = plan(replace(SDXL_1024, strategy="patch"), [Device("H100"), Device("H100")])
-    with_it = predict_seconds(p, [1.0, 1.0], 4, 4, 20, LINKS["nvlink"])
+    with_it = predict_seconds(p, [1.0, 1.0], 4, 4, 20, LINKS["nvlink"], exchange="per-layer")
     monkeypatch.setitem(families.PROFILES, "sdxl", replace(sdxl, band_exchange_ms=0.0))
-    without = predict_seconds(p, [1.0, 1.0], 4, 4, 20, LINKS["nvlink"])
+    without = predict_seconds(p, [1.0, 1.0], 4, 4, 20, LINKS["nvlink"], exchange="per-layer")
+    monkeypatch.undo()
     assert with_it == pytest.approx(p.predicted_seconds, abs=1e-6)
     assert with_it - without == pytest.approx(50 * sdxl.band_exchange_ms / 1e3)
+    # the bucketed exchange: only the 4 synchronous warmup steps pay it
+    bucketed = predict_seconds(p, [1.0, 1.0], 4, 4, 20, LINKS["nvlink"])
+    monkeypatch.setitem(families.PROFILES, "sdxl", replace(sdxl, band_exchange_ms=10.0))
+    more = predict_seconds(p, [1.0, 1.0], 4, 4, 20, LINKS["nvlink"])
+    assert more - bucketed == pytest.approx(4 * (10.0 - sdxl.band_exchange_ms) / 1e3)
 
     monkeypatch.undo()
-    strided = plan(SDXL_1024, [Device("H100"), Device("H100", load=0.5)])
+    strided = plan(replace(SDXL_1024, strategy="stadi"), [Device("H100"), Device("H100", load=0.5)])
     assert [(r.rows, r.stride) for r in strided.ranks] == [((0, 72), 1), ((72, 128), 2)]
     steps = [r.predicted_step_ms for r in strided.ranks]
     assert steps == pytest.approx([9 + sdxl.band_exchange_ms + 0.13 * 2 * 72,

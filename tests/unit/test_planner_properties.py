@@ -12,20 +12,24 @@ import math
 import os
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stadi.api import Plan
+from stadi.api import QUALITIES, Plan
 from stadi.families import profile
 from stadi.gpus import CATALOGUE
-from stadi.planner import LINKS, Device, PlanRequest, plan
+from stadi.planner import LINKS, Device, PlanRequest, default_link, plan
+from stadi.planner.cost import EXCHANGES
+from stadi.planner.evaluate import predict_seconds
+from stadi.planner.fidelity import ADMITS, MEASURED, MEASURED_AS, bench_name
 
 PRODUCTS = tuple(sorted(CATALOGUE))
 FAMILIES = ("sdxl", "sd3", "sd15")
-STRATEGIES = ("auto", "single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid")
-MULTI_GPU = ("patch", "cfg", "stadi", "stadi+cfg", "hybrid")
+STRATEGIES = ("auto", "single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid")
+MULTI_GPU = ("patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid")
 MAX_POOL = 6
 
 # Planning a 6-GPU pool at 2048^2 takes up to ~0.1 s on a slow core: no per-example deadline. A longer hunt:
@@ -79,6 +83,7 @@ def requests(
         gpus_min=gpus_min,
         gpus_max=draw(st.integers(gpus_min, pool_size + 1)),
         link_gbytes_per_s=draw(link),
+        quality=draw(st.sampled_from(QUALITIES)),
     )
 
 
@@ -95,7 +100,7 @@ def _reason_not_applicable(req: PlanRequest, pool_size: int) -> str | None:
     """
     low, high = req.gpus_min, min(req.gpus_max, pool_size)
     s = req.strategy
-    if s in ("cfg", "stadi+cfg", "hybrid") and not req.guidance:
+    if s in ("cfg", "cfg-stride", "stadi+cfg", "hybrid") and not req.guidance:
         return "guidance"
     if s == "hybrid" and req.family not in ("sdxl", "sd3"):
         return "no stage split"
@@ -103,13 +108,20 @@ def _reason_not_applicable(req: PlanRequest, pool_size: int) -> str | None:
         return "gpus.min"
     if s in MULTI_GPU and high < 2:
         return "2 GPUs"
-    if s in ("cfg", "hybrid") and low > 2:
+    if s in ("cfg", "cfg-stride", "hybrid") and low > 2:
         return "exactly 2 GPUs"
+    if s == "auto" and req.quality == "exact" and not _exact_fits(req, low, high):
+        return "quality 'exact'"
     if s == "stadi+cfg" and low > 2:
         # Every allowed set may hold a GPU too slow for a band of its branch; the message names the strategy
         # (it does not name that reason yet: see test_unfit_strategy_message_names_the_real_reason).
         return "stadi+cfg"
     return None
+
+
+def _exact_fits(req: PlanRequest, low: int, high: int) -> bool:
+    """Whether an exact plan fits: one GPU, the cfg split of two, or any plan synchronous at every step."""
+    return low <= 1 or (req.guidance and low <= 2 <= high) or req.warmup_steps >= req.steps
 
 
 def plan_or_reason(req: PlanRequest, pool: list[Device]) -> Plan | None:
@@ -155,7 +167,7 @@ def test_bands_tile_the_latent_height_once_per_branch(case: tuple[PlanRequest, l
                 assert start % g == 0 and end % g == 0, r
                 covered.update(range(start, end))
         assert covered == Counter(range(height)), f"branch {branch}: rows not covered exactly once"
-    expected = {"cond", "uncond"} if p.strategy in ("cfg", "stadi+cfg", "hybrid") else {"both"}
+    expected = {"cond", "uncond"} if p.strategy in ("cfg", "cfg-stride", "stadi+cfg", "hybrid") else {"both"}
     assert {r.branch for r in p.ranks} == expected
 
 
@@ -260,25 +272,50 @@ def test_stadi_never_predicts_slower_than_patch(case: tuple[PlanRequest, list[De
 @PROPERTY
 @given(cases())
 def test_prediction_is_the_chosen_alternative(case: tuple[PlanRequest, list[Device]]) -> None:
-    """predicted_seconds == alternatives[strategy]; under auto it is the minimum of alternatives."""
+    """predicted_seconds == alternatives[strategy]; under auto it is the minimum of the alternatives whose
+    fidelity class the quality admits."""
     req, pool = case
     p = plan_or_reason(req, pool)
     if p is None:
         return
     assert set(p.alternatives) <= set(STRATEGIES) - {"auto"}
+    assert set(p.alternative_fidelity) == set(p.alternatives)
     assert p.predicted_seconds == p.alternatives[p.strategy]
+    assert p.fidelity == p.alternative_fidelity[p.strategy]
     assert all(math.isfinite(s) and s > 0 for s in p.alternatives.values()), p.alternatives
     if req.strategy == "auto":
-        assert p.predicted_seconds == min(p.alternatives.values()), p.alternatives
+        admitted = [s for n, s in p.alternatives.items() if p.alternative_fidelity[n] in ADMITS[req.quality]]
+        assert p.predicted_seconds == min(admitted), (p.alternatives, p.alternative_fidelity)
+
+
+@PROPERTY
+@given(cases(), st.booleans(), st.sampled_from(EXCHANGES))
+def test_evaluate_predicts_what_the_search_did(case: tuple[PlanRequest, list[Device]], compiled: bool,
+                                               exchange: str) -> None:
+    """predict_seconds (the re-plan's comparison) gives a plan, at its ranks' speeds, the latency the search
+    gave it, for every strategy, compiled or not, with either exchange."""
+    req, pool = case
+    req = replace(req, compiled=compiled, exchange=exchange)  # type: ignore[arg-type]
+    p = plan_or_reason(req, pool)
+    if p is None:
+        return
+    link = req.link_gbytes_per_s or default_link((r.gpu, r.node) for r in p.ranks)
+    predicted = predict_seconds(p, [r.speed for r in p.ranks], req.warmup_steps, req.max_stride,
+                                req.min_effective_steps, link, compiled=compiled, exchange=exchange)  # type: ignore[arg-type]
+    assert predicted == pytest.approx(p.predicted_seconds, rel=1e-4), p.strategy
 
 
 @settings(PROPERTY, max_examples=max(EXAMPLES * 2 // 3, 1))
 @given(pools(1, 4), st.data())
 def test_adding_a_gpu_never_raises_auto_latency(pool: list[Device], data: st.DataObject) -> None:
-    """Under auto, pool + 1 GPU never predicts slower than the pool (same link, exhaustive search)."""
+    """Under auto, pool + 1 GPU never predicts slower than the pool (same link, exhaustive search), at every
+    quality."""
     req = data.draw(requests(len(pool), st.just("auto"), link=st.sampled_from(sorted(LINKS.values()))))
     extra = Device(data.draw(st.sampled_from(PRODUCTS)), data.draw(loads), data.draw(nodes), index=len(pool))
-    before = plan(req, pool).predicted_seconds
+    small = plan_or_reason(req, pool)
+    if small is None:
+        return
+    before = small.predicted_seconds
     after = plan(req, [*pool, extra]).predicted_seconds
     assert after <= before, f"adding {extra} raised the prediction from {before} to {after}"
 
@@ -295,6 +332,55 @@ def test_adding_a_gpu_with_the_default_link_never_raises_auto_latency() -> None:
     after = plan(req, [*pool, Device("L4", index=2)])
     assert after.left_out == ["L4#2"]
     assert after.predicted_seconds <= before.predicted_seconds
+
+
+# --- quality ---------------------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(cases(st.just("auto")))
+def test_auto_never_picks_beyond_the_bound(case: tuple[PlanRequest, list[Device]]) -> None:
+    """auto's plan is of a class the quality admits; under exact it is single, the cfg split of two GPUs, or
+    synchronous at every step; under balanced an approximate plan never, and a bounded one has measured figures
+    within the bound (mean PSNR >= 30 dB, seam score <= 1.6)."""
+    req, pool = case
+    p = plan_or_reason(req, pool)
+    if p is None:
+        return
+    assert p.fidelity in ADMITS[req.quality], (p.strategy, p.fidelity)
+    active = p.active
+    if req.quality == "exact":
+        assert (len(active) == 1 or (p.strategy in ("cfg", "stadi+cfg") and len(active) == 2)
+                or p.warmup_steps >= req.steps), p
+    if p.fidelity == "bounded":
+        figures = MEASURED[MEASURED_AS[req.family]][bench_name(p.strategy, [r.stride for r in active])]
+        assert figures.psnr_db >= 30.0 and (figures.seam is None or figures.seam <= 1.6), figures
+        assert p.strategy == "hybrid" or max(r.stride for r in active) <= 3, p
+
+
+@PROPERTY
+@given(cases(st.just("auto")))
+def test_more_approximation_is_never_slower(case: tuple[PlanRequest, list[Device]]) -> None:
+    """Each quality admits what the stricter one does: fastest <= balanced <= exact in predicted seconds."""
+    req, pool = case
+    seconds = []
+    for quality in ("fastest", "balanced", "exact"):
+        p = plan_or_reason(replace(req, quality=quality), pool)
+        if p is not None:
+            seconds.append(p.predicted_seconds)
+    assert seconds == sorted(seconds), seconds
+
+
+@PROPERTY
+@given(cases(st.sampled_from(MULTI_GPU)))
+def test_a_named_strategy_runs_as_asked(case: tuple[PlanRequest, list[Device]]) -> None:
+    """The quality binds auto only: a named strategy gets its fastest arrangement, whatever its class."""
+    req, pool = case
+    p = plan_or_reason(req, pool)
+    if p is None:
+        return
+    fastest = plan(replace(req, quality="fastest"), pool)
+    assert p.model_dump() == fastest.model_dump()
 
 
 # --- the GPUs used ---------------------------------------------------------------------------------------

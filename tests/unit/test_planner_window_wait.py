@@ -4,6 +4,10 @@ bench/results/speed-2xh200-all.json: SDXL and SD3 at 1024^2, 50 steps, CFG, CUDA
 NVLink, the second confined to 100%, 50% and 25% of its SMs (CUDA MPS; levels "100", "50", "25"). stadi ran
 strides (1, 2) at 50% and (1, 3) at 25%; ``step_ms[run][rank]`` holds every step each rank took,
 ``measured_speeds`` are the planner's input speeds and ``latency_ms`` the wall time of one image.
+
+Those runs exchanged band context per layer, so every plan here is priced with ``exchange="per-layer"`` (the
+planner's default, the bucketed exchange of one collective per window, has no wait to drag: see
+test_planner_exchange.py).
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from stadi.planner.strategies import _window_busy
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "speed-2xh200-all.json"
 COMPARED = ("single", "patch", "cfg", "stadi")
+# the strategies those runs could run: auto replays among them (cfg-stride came later)
+RAN = ("single", "patch", "cfg", "stadi", "stadi+cfg", "hybrid")
 STEPS, WARMUP = 50, 4  # the bench job: 50 steps, warmupSteps 4 (stadi bench speed's defaults)
 STRIDED = [("50", "sdxl"), ("50", "sd3"), ("25", "sdxl"), ("25", "sd3")]
+EXCHANGE = "per-layer"  # the engine these runs measured
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,8 @@ def pool(run: dict[str, Any]) -> list[Device]:
 
 
 def request(family: str, strategy: str = "auto") -> PlanRequest:
-    return PlanRequest(family, 1024, 1024, steps=STEPS, warmup_steps=WARMUP, strategy=strategy)
+    return PlanRequest(family, 1024, 1024, steps=STEPS, warmup_steps=WARMUP, strategy=strategy, exchange=EXCHANGE,
+                       among=RAN)
 
 
 def ran(measured: dict[str, Any], level: str, family: str) -> Plan:
@@ -60,7 +68,7 @@ def predicted(measured: dict[str, Any], level: str, family: str) -> tuple[dict[s
     p = plan(request(family), pool(run))
     out = {s: p.alternatives[s] for s in COMPARED if s != "stadi"}
     out["stadi"] = predict_seconds(ran(measured, level, family), run["measured_speeds"], WARMUP, 4, 20,
-                                   LINKS["nvlink"])
+                                   LINKS["nvlink"], exchange=EXCHANGE)
     return out, {s: run["strategies"][s]["latency_ms"] / 1e3 for s in COMPARED}
 
 
@@ -82,7 +90,8 @@ def test_every_family_has_a_drag_below_one() -> None:
 
 
 def test_only_strided_windows_pay_it(measured: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """single, patch, cfg, stadi+cfg and hybrid predict the same without the drag; stadi with strides more."""
+    """single, patch, cfg, cfg-stride, stadi+cfg and hybrid predict the same without the drag; stadi with
+    strides more."""
     runs = [measured[level]["models"]["sd3"] for level in ("100", "50", "25")]
     with_it = [plan(request("sd3"), pool(run)).alternatives for run in runs]
     monkeypatch.setitem(families.PROFILES, "sd3", replace(PROFILES["sd3"], window_wait_drag=0.0))

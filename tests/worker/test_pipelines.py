@@ -138,7 +138,7 @@ def test_pipelines_compiled_whole_frame_steps(sdxl_pipe) -> None:
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames >= 1  # dynamo really traced the denoiser
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-5)
-    assert Workspace().whole_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})(), spec) is None
+    assert Workspace().step_denoiser(type("Ops", (), {"denoiser": sdxl_pipe.unet})(), spec) is None
 
 
 def test_compile_is_the_jobs_unless_the_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

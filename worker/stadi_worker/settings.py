@@ -39,7 +39,8 @@ class WorkerSettings(BaseSettings):
     credentials_dir: Path | None = Field(
         None, description="A mounted Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY files; default: "
         f"{DEFAULT_CREDENTIALS_DIR} when it exists, else boto3's chain (the environment).")
-    cache: Path = Field(DEFAULT_CACHE, description="Node cache: models copied from object storage, random pipelines.")
+    cache: Path = Field(DEFAULT_CACHE, description="Node cache: models copied from object storage, random pipelines, "
+                        "compiled artifacts.")
     # execution
     device: Literal["cpu", "cuda"] | None = Field(None, description="Default: cuda when a GPU is visible.")
     exact: bool = Field(False, description="Synchronous exchange at every step (exact, slower).")
@@ -71,6 +72,13 @@ class WorkerSettings(BaseSettings):
     def engine(self) -> EngineOptions:
         """The engine's switches."""
         return EngineOptions(cuda_graphs=self.cuda_graphs, compile=self.compile)
+
+    @property
+    def compile_env(self) -> dict[str, str]:
+        """torch.compile's caches in the node cache (inductor's FX graphs, AOTAutograd and Triton kernels), so
+        a later job with the same model and sizes loads its compiled steps instead of compiling them."""
+        root = self.cache / "compile"
+        return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
 
     @property
     def models_dir(self) -> Path:

@@ -10,7 +10,8 @@ job deletes them (outputs in object storage stay).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -69,6 +70,9 @@ class WorkerOptions:
     volcano: bool = False
     run_as_user: int = 1000
     progress_interval: float = 5.0
+    # the volume source of the workers' cache (models, compiled artifacts): an emptyDir unless the operator
+    # was given a node directory or a claim
+    cache: Mapping[str, Any] = field(default_factory=lambda: {"emptyDir": {}})
 
 
 @dataclass(frozen=True)
@@ -288,7 +292,7 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
             }],
             "volumes": [
                 {"name": "stadi", "configMap": {"name": plan_name(owner.name)}},
-                {"name": "cache", "emptyDir": {}},
+                {"name": "cache", **options.cache},
                 {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             ],
             **spec_extra,

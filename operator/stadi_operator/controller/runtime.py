@@ -36,7 +36,8 @@ class Runtime:
         """The operator-wide choices that shape the worker pods."""
         s = self.settings
         return ch.WorkerOptions(image=s.worker_image, port=s.rendezvous_port, volcano=self.volcano,
-                                run_as_user=s.worker_uid, progress_interval=s.progress_interval)
+                                run_as_user=s.worker_uid, progress_interval=s.progress_interval,
+                                cache=s.worker_cache)
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -66,6 +66,8 @@ def _rank() -> int:
 def run_worker(settings: WorkerSettings) -> int:
     """One rank: set up the process group, check the plan, run the job. Returns the exit code."""
     rank = _rank()
+    for name, value in settings.compile_env.items():
+        os.environ.setdefault(name, value)  # read by torch when it first compiles; an explicit setting wins
     try:
         dj, the_plan = resolve_inputs(settings.plan, settings.job, settings.config_dir)
         dj = apply_output_overrides(dj, settings.output, settings.endpoint)

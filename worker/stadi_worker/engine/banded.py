@@ -4,10 +4,12 @@
 Timeline of one image (docs/architecture.md, "Execution"): W synchronous warmup steps, timed per rank; the
 re-plan (``replan.replan_together``; bands are re-cut once when the predicted gain passes
 ``replanThreshold``; a rank left out idles for the rest of the image and only joins the final gather); then
-windows of P = ``plan.sync_period`` base steps in which rank r takes P/k_r steps on its own sub-grid, with one
-asynchronous exchange at each window start. When (T - W) is not a multiple of P, the first (T - W) mod P steps
-after warmup form a short window in which every rank takes every step (stale, like patch parallelism), so the
-full windows that follow all end on the final timestep.
+windows of P = ``plan.sync_period`` base steps in which rank r takes P/k_r steps on its own sub-grid. Each window
+start reads the context of the previous one and starts one bucketed exchange of its fresh activations, which the
+next window start (or a synchronous step, a re-plan, the image's end) waits for; local steps never wait
+(``comm.CommManager``). When (T - W) is not a multiple of P, the first (T - W) mod P steps after warmup form a
+short window in which every rank takes every step (stale, like patch parallelism), so the full windows that
+follow all end on the final timestep.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from stadi_worker.engine.runtime import DistContext
 from stadi_worker.engine.sampling import BandSampler, Pace, StepTimer, initial_noise, is_boundary, subgrid
 from stadi_worker.models import ops_for
 from stadi_worker.models.schedulers import make_scheduler
+
+# The plans a re-plan of this engine may switch to mid-image: those it runs itself (single by leaving ranks idle).
+# cfg-stride and hybrid run in their own engines, from an image's start.
+SWITCHES = ("single", "patch", "cfg", "stadi", "stadi+cfg")
 
 
 def generate_banded(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, prompt: str, seed: int, *,
@@ -51,11 +57,12 @@ def generate_banded(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistCont
     def run(index: int, mode: str) -> None:
         nonlocal latents, fresh
         x_in = sampler.scale(latents, index)
-        bands.comm.begin_step(sync=exact or index < warmup or fresh, mode=mode)  # type: ignore[arg-type]
+        timer.start()
+        # a window start or a synchronous step first waits for the last window's exchange: timed as a wait
+        bands.comm.begin_step(sync=exact or index < warmup or fresh, mode=mode, index=index)  # type: ignore[arg-type]
         fresh = False
         if mode == "exchange":
             result.exchanges.append(index)
-        timer.start()
         eps = bands.eps(x_in, sampler.timesteps[index])
         if pace is not None:
             pace(timer.running_compute_ms())
@@ -78,7 +85,8 @@ def generate_banded(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistCont
                 mine = profiled if profiled is not None else statistics.median(timer.compute_ms()[:warmup])
                 # what the ranks run, not what the job asked: the engine options may override it
                 compiled = workspace.compiles(spec)
-                agreed = replan_together(ctx, spec, bands.plan, mine, compiled_steps=compiled, compiled=compiled)
+                agreed = replan_together(ctx, spec, bands.plan, mine, compiled_steps=compiled, compiled=compiled,
+                                         among=SWITCHES)
                 result.measured_speeds, result.predicted_gain = agreed.speeds, agreed.gain
                 result.replanned, result.plan = agreed.plan is not None, agreed.plan or bands.plan
                 new = agreed.plan
@@ -88,7 +96,7 @@ def generate_banded(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistCont
                     old = bands
                     sampler.map_state(lambda t: old.gather_full(t)[..., new_start:new_end, :], like=latents)
                     full_latents = old.gather_full(latents)
-                    old.leave()
+                    old.leave()  # settles its exchanges before the bands are re-cut
                     bands = workspace.bands(ops, spec, new, ctx)
                     bands.enter(branches, timer)
                     fresh = True

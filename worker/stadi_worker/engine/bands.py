@@ -57,10 +57,9 @@ class Bands:
 
     An idle rank's share is the empty band: it runs no step, only the final ``gather_full``."""
 
-    def __init__(self, ops: ModelOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, graphs: StepGraphs,
-                 whole: Any = None):
+    def __init__(self, ops: ModelOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, graphs: StepGraphs):
         self.ops, self.spec, self.plan, self.ctx, self.graphs = ops, spec, plan, ctx, graphs
-        self.whole = whole  # the denoiser for whole-frame steps (compiled, when asked), or None: the pipeline's
+        self.denoiser: Any = None  # the denoiser of our steps (compiled, when asked), or None: the pipeline's
         self.guidance = spec.uses_cfg
         me = plan.ranks[ctx.rank]
         self.idle = me.idle
@@ -74,7 +73,8 @@ class Bands:
         layout = (BandLayout(bands=(me.rows,), index=0, height=plan.latent_height) if me.idle else
                   BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
                              index=self.members.index(ctx.rank), height=plan.latent_height))
-        self.comm = CommManager(layout=layout, group=group, backend=ctx.backend)
+        # a rank whose stride is below the period steps alone inside windows: it keeps their extrapolated context
+        self.comm = CommManager(layout=layout, group=group, local_steps=me.stride < plan.sync_period)
         self.order = [me.branch] if self.split else (["uncond", "cond"] if self.guidance else ["cond"])
         self.start, self.end = me.rows
         self.world_rows = [r.height for r in plan.ranks]
@@ -95,7 +95,7 @@ class Bands:
     def leave(self) -> None:
         if self.banded:
             self.patch.restore()
-        self.comm.end_step()
+        self.comm.settle()  # the last window's exchange: nothing may be in flight when the share or image ends
 
     @property
     def banded(self) -> bool:
@@ -108,8 +108,7 @@ class Bands:
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         out = self.ops(torch.cat([x] * len(self.order)), t, dict(zip(self._cond_keys, cond, strict=True)),
-                       denoiser=None if self.banded else self.whole)
-        self.comm.end_step()
+                       denoiser=self.denoiser)
         if not self.split and self.guidance:
             return guide(*out.chunk(2), self.spec.guidance_scale)
         return out
@@ -120,6 +119,7 @@ class Bands:
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided noise prediction for our band ``x`` (one graph replay per step on a GPU)."""
         out = self.graphs.run(self._key(), self._forward, x, t, *self._cond)
+        self.comm.end_step()  # outside the graph: a window start's exchange is launched eagerly, never replayed
         if not self.split:
             return out
         # condition split: every rank needs the other branch's prediction for its rows; predictions are
@@ -184,21 +184,23 @@ class Workspace:
     options: EngineOptions = field(default_factory=EngineOptions)
     graphs: StepGraphs | None = None
     _bands: dict[Hashable, Bands] = field(default_factory=dict)
-    _compiled: dict[int, Any] = field(default_factory=dict)
+    _compiled: dict[tuple[int, bool], Any] = field(default_factory=dict)
 
     def compiles(self, spec: DiffusionJobSpec) -> bool:
-        """Whether whole-frame steps of ``spec`` run compiled here (the job's ask, or the options' override)."""
+        """Whether the steps of ``spec`` run compiled here (the job's ask, or the options' override)."""
         return self.options.compile_backend(spec.model.compile) is not None
 
-    def whole_denoiser(self, ops: ModelOps, spec: DiffusionJobSpec) -> Any:
-        """The denoiser of whole-frame steps: compiled once per pipeline when the job (or the options) ask for it
-        (banded steps stay uncompiled: their exchanges are Python), else None (the pipeline's)."""
+    def step_denoiser(self, ops: ModelOps, spec: DiffusionJobSpec, banded: bool = False) -> Any:
+        """The denoiser of our steps, compiled once per pipeline and kind when the job (or the options) ask for
+        it, else None (the pipeline's). Whole-frame steps compile for their one shape; banded steps compile with
+        dynamic shapes, so one compile serves every band height (a re-plan re-cuts the bands); their exchanges
+        are graph breaks (``CommManager`` is not traced)."""
         backend = self.options.compile_backend(spec.model.compile)
         if backend is None:
             return None
-        key = id(ops.denoiser)
+        key = (id(ops.denoiser), banded)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(ops.denoiser, backend=backend, dynamic=False)
+            self._compiled[key] = torch.compile(ops.denoiser, backend=backend, dynamic=banded)
         return self._compiled[key]
 
     def graphs_for(self, device: torch.device) -> StepGraphs:
@@ -219,6 +221,6 @@ class Workspace:
         key = (id(ops.denoiser), _plan_key(plan), spec.guidance_scale, spec.uses_cfg)
         found = self._bands.get(key)
         if found is None:
-            found = self._bands[key] = Bands(ops, spec, plan, ctx, self.graphs_for(ctx.device),
-                                             self.whole_denoiser(ops, spec))
+            found = self._bands[key] = Bands(ops, spec, plan, ctx, self.graphs_for(ctx.device))
+            found.denoiser = self.step_denoiser(ops, spec, banded=found.banded)
         return found

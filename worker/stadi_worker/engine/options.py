@@ -18,7 +18,7 @@ class EngineOptions:
     compile: str | None = None
 
     def compile_backend(self, requested: bool) -> str | None:
-        """The ``torch.compile`` backend of whole-frame steps (inductor when the job asks), or None."""
+        """The ``torch.compile`` backend of denoiser steps (inductor when the job asks), or None."""
         value = (self.compile or "").strip()
         if value == "":
             return "inductor" if requested else None

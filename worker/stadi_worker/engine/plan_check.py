@@ -44,7 +44,9 @@ def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
         raise ValueError(f"plan warmup {plan.warmup_steps} exceeds the {spec.steps} steps")
     active = plan.active
     branches = {r.branch for r in active}
-    if any(r.stride != 1 for r in active) and branches != {"both"}:
+    if plan.strategy == "cfg-stride":
+        _check_branch_stride(plan)
+    elif any(r.stride != 1 for r in active) and branches != {"both"}:
         # a condition split swaps predictions at every step: every rank must take every step
         raise ValueError(f"strides > 1 need a plan without condition split; strides: {[r.stride for r in active]}")
     if branches != {"both"}:
@@ -55,3 +57,14 @@ def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
             raise ValueError("a condition-split plan needs guidanceScale > 1")
     if plan.strategy == "single" and len(active) != 1:
         raise ValueError(f"strategy single runs on one rank; this plan has {len(active)} active ranks")
+
+
+def _check_branch_stride(plan: Plan) -> None:
+    """Strategy cfg-stride: two ranks, one per branch over the whole frame, the cond rank at stride 1."""
+    ranks = plan.ranks
+    if len(ranks) != 2 or any(r.idle for r in ranks) or {r.branch for r in ranks} != {"cond", "uncond"}:
+        raise ValueError("strategy cfg-stride needs 2 ranks, none idle, one per branch cond and uncond")
+    cond = next(r for r in ranks if r.branch == "cond")
+    if cond.stride != 1:
+        raise ValueError(f"strategy cfg-stride steps the latent on the cond rank: its stride must be 1, not "
+                         f"{cond.stride}")

@@ -26,15 +26,14 @@ log = logging.getLogger(__name__)
 
 def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool, compiled: bool = False) -> float:
     """The family's affine cost (ms at speed 1.0, the catalogue's scale) of one step of ``rank``'s band;
-    ``compiled``: the job compiles whole-frame steps, so a rank owning the whole frame runs them compiled.
+    ``compiled``: the step measured ran compiled (whole frame or band, each at its own compiled share).
 
     Without the planner's ``band_exchange_ms``: the times it is matched with are compute alone (the profiled
     local step runs no collective; warmup steps less their waits)."""
     r = plan.ranks[rank]
     batch = (2 if guidance else 1) if r.branch == "both" else 1
-    whole = compiled and r.height == plan.latent_height
-    cost = CostModel(profile(plan.family), plan.latent_height, plan.latent_width, 0.0, compiled=whole)
-    return cost.step_ms(r.height, batch, 1.0)
+    cost = CostModel(profile(plan.family), plan.latent_height, plan.latent_width, 0.0, compiled=compiled)
+    return cost.compute_ms(r.height, batch, 1.0, banded=r.height != plan.latent_height)
 
 
 def measured_speeds(plan: Plan, compute_ms: list[float], guidance: bool, compiled: bool = False) -> list[float]:
@@ -98,8 +97,8 @@ def replan(spec: DiffusionJobSpec, plan: Plan, speeds: list[float], *, threshold
     fresh = onto_gang(fresh, plan, speeds)
     fresh.validate_for(world)
     args = (plan.warmup_steps, request.max_stride, request.min_effective_steps, link)
-    old_s = predict_seconds(plan, speeds, *args, compiled=request.compiled)
-    new_s = predict_seconds(fresh, speeds, *args, compiled=request.compiled)
+    old_s = predict_seconds(plan, speeds, *args, compiled=request.compiled, exchange=request.exchange)
+    new_s = predict_seconds(fresh, speeds, *args, compiled=request.compiled, exchange=request.exchange)
     gain = (old_s - new_s) / old_s if old_s > 0 else 0.0
 
     def shares(p: Plan) -> list[tuple[Any, ...]]:

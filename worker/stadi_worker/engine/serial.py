@@ -24,7 +24,7 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
     ops = ops_for(pipe, spec.model.family)
     workspace = workspace or Workspace()
     graphs = workspace.graphs_for(ops.device)
-    whole = workspace.whole_denoiser(ops, spec)
+    whole = workspace.step_denoiser(ops, spec)
     guidance = spec.uses_cfg
     order = ["uncond", "cond"] if guidance else ["cond"]
     with torch.no_grad():

@@ -18,9 +18,8 @@ def _full_kv(comm: CommManager, key: int, k: torch.Tensor, v: torch.Tensor) -> t
     if comm.size == 1:
         return k, v
     kv = torch.cat([k, v], dim=-1)
-    order = comm.layout.order
-    full = comm.exchange(key, kv, comm.layout.scaled(kv.shape[1]), dim=1,
-                         combine=lambda parts: torch.cat([parts[i] for i in order], dim=1))
+    parts = comm.exchange(key, kv, comm.layout.scaled(kv.shape[1]), dim=1)
+    full = torch.cat([parts[i] for i in comm.layout.order], dim=1)
     return full.chunk(2, dim=-1)
 
 

@@ -53,6 +53,6 @@ class PatchConv2d(nn.Module):
                 pieces.append(parts[below][..., :bottom, :] if below is not None else edge)
             return torch.cat(pieces, dim=-2)
 
-        ext = self.comm.exchange(self.key, send, [top + bottom] * self.comm.size, dim=-2, combine=extend)
+        ext = extend(self.comm.exchange(self.key, send, [top + bottom] * self.comm.size, dim=-2))
         c = self.conv
         return F.conv2d(ext, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)

@@ -18,6 +18,10 @@ class PatchBandEmbed(nn.Module):
         self.embed = embed
         self.layout = layout
 
+    # Not traced: the crop of the positional embedding starts at our band's first row, a Python int that a
+    # compiled step would guard on, recompiling for every band a re-plan cuts; eager, it costs nothing inside
+    # the step's CUDA graph.
+    @torch.compiler.disable
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         e = self.embed
         p = e.patch_size

@@ -11,7 +11,8 @@ from stadi_worker.engine.comm import CommManager
 class PatchGroupNorm(nn.Module):
     """Each band sends (count, mean, M2) per sample and group; Chan's parallel formula combines them into
     the full-image mean and variance (stable in fp32, unlike sum/sum-of-squares). Unequal bands weigh by
-    their count. In stale mode the other bands' statistics are one step old, ours fresh."""
+    their count. In stale mode the other bands' statistics are those of the last window exchange (extrapolated in
+    local steps), ours fresh."""
 
     def __init__(self, norm: nn.GroupNorm, comm: CommManager):
         super().__init__()
@@ -35,9 +36,10 @@ class PatchGroupNorm(nn.Module):
             total = counts.sum(0)
             gmean = (counts * means).sum(0) / total
             var = (m2s + counts * (means - gmean).square()).sum(0) / total
-            return gmean, var
+            # local steps read extrapolated statistics, whose M2 may dip below zero; exact ones never do
+            return gmean, var.clamp_min(0)
 
-        gmean, var = self.comm.exchange(self.key, stats, [b] * self.comm.size, dim=0, combine=pool)
+        gmean, var = pool(self.comm.exchange(self.key, stats, [b] * self.comm.size, dim=0))
         y = ((xf - gmean[..., None]) * torch.rsqrt(var + n.eps)[..., None]).reshape(x.shape).to(x.dtype)
         if n.affine:
             shape = (1, c) + (1,) * (x.dim() - 2)
