@@ -151,8 +151,11 @@ def _times(pb: Problem, group: Group) -> tuple[float, float]:
     sync = max(t + sync_extra / s.speed for t, s in zip(steps, group.slots, strict=True))
     comm = cost.exchange_ms((pb.granules - min(group.units)) * granularity, group.batch)
     per_granule_staging = cost.staging_ms(granularity, group.batch, 1.0)  # linear in rows and 1 / speed
-    starts = [t + per_granule_staging * u / s.speed
-              for t, s, u in zip(steps, group.slots, group.units, strict=True)]  # window-start steps
+    period = sync_period(group.strides)
+    # a window start stages our rows, and first settles the last exchange: the other bands' rows copied to where
+    # the layers read them, and on a rank with local steps also extrapolated (a lerp: 1.5 copies' traffic)
+    starts = [t + per_granule_staging * (u + (pb.granules - u) * (1.0 + 1.5 * (period > k))) / s.speed
+              for t, s, u, k in zip(steps, group.slots, group.units, group.strides, strict=True)]
     busy = max(b + a - t for b, a, t in zip(_window_busy(steps, group.strides, cost.window_drag), starts, steps,
                                             strict=True))
     exchange = comm if cost.exchange == "per-layer" else max(starts) + comm

@@ -355,7 +355,8 @@ def test_auto_never_picks_beyond_the_bound(case: tuple[PlanRequest, list[Device]
     if p.fidelity == "bounded":
         figures = MEASURED[MEASURED_AS[req.family]][bench_name(p.strategy, [r.stride for r in active])]
         assert figures.psnr_db >= 30.0 and (figures.seam is None or figures.seam <= 1.6), figures
-        assert p.strategy == "hybrid" or max(r.stride for r in active) <= 3, p
+        # stride 4 of bands is not measured; branch strides are, up to k = 4 (within the bound on SDXL only)
+        assert p.strategy in ("hybrid", "cfg-stride") or max(r.stride for r in active) <= 3, p
 
 
 @PROPERTY
