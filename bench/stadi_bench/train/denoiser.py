@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from stadi.api import DiffusionJobSpec
 from stadi_bench.train.data import CAPTIONS, Batches
-from stadi_bench.train.schedule import Deadline, Ema, autocast, optimizer
+from stadi_bench.train.schedule import Deadline, Ema, autocast, descend, optimizer
 
 log = logging.getLogger(__name__)
 MIN_SNR_GAMMA = 5.0
@@ -104,12 +104,7 @@ def train_denoiser(ops: ModelOps, batches: Batches, steps: int, batch: int, lr: 
             noisy, t, target, weight = _noised(ops, latents, gen)
             pred = ops(noisy, t, cond).float()
         loss = (weight * (pred - target).square().mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
+        descend(loss, params, opt, sched, ema)
         recent, done = [*recent[-99:], float(loss.detach())], step + 1
         if step % 1000 == 0 or step == steps - 1:
             log.info(f"{ops.family} step {step}/{steps}: loss {sum(recent) / len(recent):.4f} "

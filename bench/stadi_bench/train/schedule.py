@@ -1,11 +1,12 @@
 """What the training loops share: the optimizer with its warmup and cosine decay, the exponential moving average
-of the weights, and mixed precision on a GPU."""
+of the weights, one update step, and mixed precision on a GPU."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -21,6 +22,17 @@ def optimizer(groups: list[dict[str, object]], steps: int, warmup: int = 200) ->
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def descend(loss: torch.Tensor, params: Iterable[torch.nn.Parameter], opt: torch.optim.Optimizer, sched: Any,
+            ema: Ema) -> None:
+    """One update: backward, gradients clipped to norm 1, the optimizer's and the schedule's step, the average."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.update()
 
 
 class Ema:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from stadi_bench.train.data import Batches
-from stadi_bench.train.schedule import Deadline, Ema, autocast, optimizer
+from stadi_bench.train.schedule import Deadline, Ema, autocast, descend, optimizer
 
 log = logging.getLogger(__name__)
 KL_WEIGHT = 1e-6
@@ -44,12 +44,7 @@ def train_vae(vae: Any, batches: Batches, steps: int, batch: int, lr: float,
         edges = sum((a - b).abs().mean() for a, b in zip(_edges(rec), _edges(x), strict=True))
         kl = posterior.kl().mean()
         loss = l1 + mse + edges + KL_WEIGHT * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
+        descend(loss, vae.parameters(), opt, sched, ema)
         recent, done = [*recent[-49:], float(l1.detach())], step + 1
         if step % 500 == 0 or step == steps - 1:
             log.info(f"vae step {step}/{steps}: l1 {sum(recent) / len(recent):.4f} "
