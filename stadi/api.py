@@ -25,14 +25,15 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from stadi.families import BUILTIN_MODELS, HYBRID_DEFAULTS, HybridSchedule, profile
+from stadi.families import BUILTIN_MODELS, GUIDANCE_DISTILLED, HYBRID_DEFAULTS, HybridSchedule, profile, runs_cfg
 
 GROUP = "stadi.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-Strategy = Literal["auto", "single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid"]
-STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid")
+Strategy = Literal["auto", "single", "patch", "cfg", "cfg-stride", "cfg-stride+band", "stadi", "stadi+cfg", "hybrid"]
+STRATEGIES: tuple[str, ...] = ("auto", "single", "patch", "cfg", "cfg-stride", "cfg-stride+band", "stadi", "stadi+cfg",
+                               "hybrid")
 # How much approximation auto may use (spec.parallelism.quality); each strategy's class is in
 # stadi.planner.fidelity, with the trained-model figures that put it there.
 Quality = Literal["exact", "balanced", "fastest"]
@@ -56,10 +57,12 @@ JOB_NAME_RULE = (
     f"with a letter or digit, at most {JOB_NAME_MAX} characters (it names the job's Service and its pods' hosts)"
 )
 # Strategies that split the two guidance branches, and those that read parallelism.hybrid.
-GUIDANCE_SPLITS = ("cfg", "cfg-stride", "stadi+cfg", "hybrid")
+GUIDANCE_SPLITS = ("cfg", "cfg-stride", "cfg-stride+band", "stadi+cfg", "hybrid")
 HYBRID_KNOB_STRATEGIES = ("hybrid", "auto")
 # Strategies that run on exactly two GPUs, whatever the pool offers.
-PAIR_STRATEGIES = ("cfg-stride", "hybrid")
+PAIR_STRATEGIES = ("cfg-stride", "cfg-stride+band", "hybrid")
+# Strategies that run in the branch-stride engine (one rank per guidance branch, the uncond one strided).
+BRANCH_STRIDES = ("cfg-stride", "cfg-stride+band")
 PAIR_GPUS = 2
 
 # Schema-only patterns (json_schema_extra): the CRD carries them so that the apiserver rejects what the
@@ -294,7 +297,8 @@ class DiffusionJobSpec(Model):
     ] = 1024
     steps: Annotated[int, Field(ge=1, le=1000, description="Denoising steps.")] = 50
     guidance_scale: Annotated[
-        float, Field(ge=0.0, le=100.0, description="Classifier-free guidance scale; above 1 runs two branches.")
+        float, Field(ge=0.0, le=100.0, description="Classifier-free guidance scale; above 1 runs two branches "
+                     "(guidance-distilled families, flux: the distilled guidance, one branch).")
     ] = 5.0
     seed: Annotated[int, Field(ge=0, le=2**63 - 1, description="Seed of image 0; image i uses seed + i.")] = 0
     scheduler: Scheduler = Field("default", description="Sampler; default is the family's usual one.")
@@ -339,6 +343,9 @@ class DiffusionJobSpec(Model):
         if p.min_effective_steps is not None and p.min_effective_steps > self.steps:
             raise FieldError("parallelism.minEffectiveSteps",
                              f"must be <= steps ({self.steps}), got {p.min_effective_steps}")
+        if p.strategy in GUIDANCE_SPLITS and self.model.family in GUIDANCE_DISTILLED:
+            raise FieldError("parallelism.strategy", f"{p.strategy!r} splits the guidance branches; "
+                             f"{self.model.family!r} is guidance-distilled (one branch per step)")
         if p.strategy in GUIDANCE_SPLITS and not self.uses_cfg:
             raise FieldError("parallelism.strategy", f"{p.strategy!r} splits the guidance branches and needs "
                              f"guidanceScale > 1, got {self.guidance_scale:g}")
@@ -377,8 +384,9 @@ class DiffusionJobSpec(Model):
 
     @property
     def uses_cfg(self) -> bool:
-        """Classifier-free guidance runs two branches (batch 2) when the scale is above 1."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs two branches (batch 2): the scale above 1, the family not
+        guidance-distilled (``families.runs_cfg``)."""
+        return runs_cfg(self.model.family, self.guidance_scale)
 
 
 class Metadata(BaseModel):
@@ -428,6 +436,10 @@ class RankPlan(BaseModel):
         None, description="Strategy hybrid: the units [start, end) of the linearised denoiser this rank runs in "
         "the pipeline window (start 0: stage 0)."
     )
+    uncond_rows: tuple[int, int] | None = Field(
+        None, description="Strategy cfg-stride+band, on the cond rank: the band [start, end) of the unconditional "
+        "branch's rows it also evaluates once per window (the uncond rank's rows are the rest)."
+    )
     predicted_step_ms: float = 0.0
     idle: bool = Field(
         False, description="A process of the gang that computes nothing: the re-plan after warmup left its GPU "
@@ -464,7 +476,7 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid"]
+    strategy: Literal["single", "patch", "cfg", "cfg-stride", "cfg-stride+band", "stadi", "stadi+cfg", "hybrid"]
     family: str
     latent_height: int
     latent_width: int
@@ -510,8 +522,15 @@ class Plan(BaseModel):
         active = self.active
         if not active:
             raise ValueError("every rank of the plan is idle; at least one must compute")
+        shared = [r for r in active if r.uncond_rows is not None]
+        if shared and (self.strategy != "cfg-stride+band" or any(r.branch != "cond" for r in shared)):
+            raise ValueError("uncond_rows belong to the cond rank of a cfg-stride+band plan only; ranks "
+                             f"{[r.rank for r in shared]} have them in a {self.strategy} plan")
+        if self.strategy == "cfg-stride+band" and not shared:
+            raise ValueError("a cfg-stride+band plan needs uncond_rows on its cond rank")
         for branch in {r.branch for r in active}:
-            bands = sorted(r.rows for r in active if r.branch == branch)
+            bands = sorted([r.rows for r in active if r.branch == branch]
+                           + [r.uncond_rows for r in shared if branch == "uncond" and r.uncond_rows is not None])
             cursor = 0
             for start, end in bands:
                 if start != cursor or end <= start:
@@ -526,11 +545,12 @@ class Plan(BaseModel):
                     f"{self.latent_height}"
                 )
         for r in active:
-            if r.rows[0] % self.granularity or r.rows[1] % self.granularity:
-                raise ValueError(
-                    f"rank {r.rank} band {list(r.rows)} is not a multiple of the granularity "
-                    f"{self.granularity} latent rows"
-                )
+            for rows in (r.rows, r.uncond_rows or (0, 0)):
+                if rows[0] % self.granularity or rows[1] % self.granularity:
+                    raise ValueError(
+                        f"rank {r.rank} band {list(rows)} is not a multiple of the granularity "
+                        f"{self.granularity} latent rows"
+                    )
         period = math.lcm(*(r.stride for r in active))
         if self.sync_period != period:
             # the worker runs windows of exactly this period, and the planner priced exactly this one

@@ -16,7 +16,7 @@ import yaml
 
 from stadi import __version__, logs
 from stadi.api import QUALITIES, STRATEGIES, Plan, load_job
-from stadi.families import FAMILIES
+from stadi.families import FAMILIES, runs_cfg
 from stadi.planner import LINKS, Device, PlanRequest, plan
 from stadi.planner.cost import DEFAULT_EXCHANGE, EXCHANGES
 from stadi.planner.fidelity import DEFAULT_QUALITY
@@ -122,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         p = args
         request = PlanRequest(
-            family=p.model, height=p.height, width=p.width, steps=p.steps, guidance=p.guidance_scale > 1,
+            family=p.model, height=p.height, width=p.width, steps=p.steps, guidance=runs_cfg(p.model, p.guidance_scale),
             strategy=p.strategy, warmup_steps=p.warmup_steps, max_stride=p.max_stride,
             min_effective_steps=min(p.min_effective_steps, p.steps), gpus_min=p.gpus_min,
             gpus_max=p.gpus_max if p.gpus_max is not None else max(len(pool), p.gpus_min),
@@ -151,6 +151,10 @@ def format_plan(p: Plan) -> str:
             f"{r.rank:>4}  {r.gpu:<24} {r.node or '-':<12} {r.speed:>6.3f}  "
             f"{f'[{r.rows[0]}, {r.rows[1]})':<11} {r.stride:>6}  {r.branch:<6} {r.predicted_step_ms:>8.1f}"
         )
+    for r in p.ranks:
+        if r.uncond_rows is not None:
+            lines.append(f"rank {r.rank} also evaluates the uncond branch's rows [{r.uncond_rows[0]}, "
+                         f"{r.uncond_rows[1]}) once per window")
     if p.hybrid is not None:
         h = p.hybrid
         first = next(r for r in p.ranks if r.layers is not None and r.layers[0] == 0)
@@ -159,7 +163,7 @@ def format_plan(p: Plan) -> str:
                   f"{first.rank} runs units [0, {first.layers[1]}) of {h.units}, the other from {h.boundary_layer}"]
     lines += ["", "strategies compared (predicted seconds, fidelity class):"]
     for name, seconds in sorted(p.alternatives.items(), key=lambda kv: kv[1]):
-        lines.append(f"  {'*' if name == p.strategy else ' '} {name:<10} {seconds:8.3f}  "
+        lines.append(f"  {'*' if name == p.strategy else ' '} {name:<15} {seconds:8.3f}  "
                      f"{p.alternative_fidelity.get(name, '-')}")
     if p.left_out:
         lines.append(f"left out (inclusion raised the predicted latency): {', '.join(p.left_out)}")

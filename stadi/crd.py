@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from stadi import api
-from stadi.families import BUILTIN_MODELS, HYBRID_DEFAULTS, PROFILES
+from stadi.families import BUILTIN_MODELS, GUIDANCE_DISTILLED, HYBRID_DEFAULTS, PROFILES
 
 CATEGORY = "stadi"
 HEADER = "# Generated from stadi/api.py by `stadi crd` (make crd). Do not edit by hand.\n"
@@ -143,9 +143,11 @@ def _cel_rules() -> dict[str, list[dict[str, str]]]:
             },
             {
                 "rule": f"!has(self.parallelism) || !({strategy} in {_cel_list(api.GUIDANCE_SPLITS)}) || "
-                f"{_field(spec, 'guidance_scale')} > 1.0",
+                f"({_field(spec, 'guidance_scale')} > 1.0 && !(self.model.family in "
+                f"{_cel_list(GUIDANCE_DISTILLED)}))",
                 "message": f"spec.parallelism.strategy {', '.join(api.GUIDANCE_SPLITS)} split the guidance branches "
-                "and need spec.guidanceScale > 1",
+                f"and need spec.guidanceScale > 1 and a family that is not guidance-distilled "
+                f"({', '.join(GUIDANCE_DISTILLED)})",
                 "fieldPath": ".parallelism.strategy",
             },
             {

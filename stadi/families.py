@@ -13,19 +13,18 @@ from typing import Literal
 
 Family = Literal["sdxl", "sd3", "sd15", "pixart", "flux"]
 FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart", "flux")
-# what this release's worker runs (its layer wrappers and pipeline classes); the planner plans every family
-RUNNABLE: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart")
 # Small trained checkpoints that ship inside the worker (``builtin://NAME``), by name: their family. Trained from
 # scratch on the sample images of scikit-image and scikit-learn (stadi bench train; README, "Built-in models").
 BUILTIN_MODELS: dict[str, str] = {"sdxl-small": "sdxl", "sd3-small": "sd3"}
+# Guidance-distilled families: the guidance scale is an input of their one forward per step (FLUX.1-dev's
+# guidance embedding), so no unconditional branch exists to run, split or stride.
+GUIDANCE_DISTILLED: tuple[str, ...] = ("flux",)
 
 
-def not_runnable(family: str) -> str | None:
-    """Why a job of ``family`` cannot run on this release's worker, or None when it can."""
-    if family in RUNNABLE:
-        return None
-    return (f"spec.model.family: {family!r} can be planned (stadi plan) but this release's worker does not run it; "
-            f"runnable: {', '.join(RUNNABLE)}")
+def runs_cfg(family: str, guidance_scale: float) -> bool:
+    """Whether a job runs classifier-free guidance: two branches per step (the scale above 1, the family not
+    guidance-distilled)."""
+    return guidance_scale > 1.0 and family not in GUIDANCE_DISTILLED
 
 
 @dataclass(frozen=True)
@@ -92,9 +91,16 @@ PROFILES: dict[str, FamilyProfile] = {
     "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, 5.0, 0.63, "dpmpp-2m",
                             "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row, "
                             "window wait SD3's"),
-    "flux": FamilyProfile("flux", 2, 8, 5.0, 0.9, 3.0e6, 8.4, 0.63, "flow-euler",
-                          "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row, "
-                          "window wait SD3's"),
+    # FLUX.1-dev, estimated until the one-H200 step times (issue 17) replace it: xDiT's published one-H100 time,
+    # 4.30 s for 28 steps at 1024^2 compiled, is 154 ms per step, 197 ms as an uncompiled graph (over
+    # COMPILED_WHOLE_FRAME); SD3's alpha scaled by its 57 blocks against SD3's 24 (2.5 ms) leaves
+    # beta = (197 - 2.5) / 128 = 1.52 ms per latent row (batch 1: one branch). Exchanged per latent row: the
+    # image tokens (32 per latent row at width 128) of 57 attention layers x 3072 channels, fp16, counted as
+    # SD3's figure counts its 24 x 1536: 57 * 3072 * 32 * 2 B = 11.2 MB. Band exchange: SD3's per-layer cost
+    # scaled by the layer count (57 / 24); window wait SD3's.
+    "flux": FamilyProfile("flux", 2, 8, 2.5, 1.52, 11.2e6, 15.9, 0.63, "flow-euler",
+                          "estimate from xDiT's published one-H100 FLUX.1-dev time and SD3's constants scaled by "
+                          "layer count and width"),
 }
 
 

@@ -19,8 +19,7 @@ import torch
 from stadi_worker.engine.bands import Bands, Workspace
 from stadi_worker.engine.comm import CommManager
 from stadi_worker.engine.runtime import DistContext
-from stadi_worker.engine.sampling import BandSampler, StepTimer
-from stadi_worker.models.schedulers import make_scheduler
+from stadi_worker.engine.sampling import StepTimer, job_sampler
 
 from stadi.api import DiffusionJobSpec, Plan
 
@@ -82,7 +81,7 @@ def band_share(ops: Any, spec: DiffusionJobSpec, plan: Plan, workspace: Workspac
     with torch.no_grad():
         bands.enter(ops.encode(job, job.prompts[0], job.uses_cfg), StepTimer(device))
         try:
-            sampler = BandSampler(make_scheduler(ops, job.scheduler), job.steps, device)
+            sampler = job_sampler(ops, job)
             channels, _, width = ops.latent_shape(job)
             x = torch.randn(1, channels, bands.end - bands.start, width, generator=torch.Generator().manual_seed(0))
             x = x.to(device, ops.dtype)

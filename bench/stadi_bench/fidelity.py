@@ -6,7 +6,8 @@ For one model (family + source), resolution and step count, every plan in ``--pl
 stale after warmup), ``cfg`` (condition split, 2 ranks), ``stadi`` (the planner's stadi plan on equal
 devices), ``stadi:K0-K1-...`` (strides K per rank, with the elastic rows of devices of speed 1/K, which
 are equal rows), ``cfg-stride:1-K`` (the condition split, the cond rank 0 at every step and the uncond rank 1
-at stride K: branch strides), or a Plan JSON file.
+at stride K: branch strides), ``cfg-stride+band:1-K`` (the same with the uncond branch in two equal bands, the
+top one on rank 0), or a Plan JSON file.
 """
 
 from __future__ import annotations
@@ -52,16 +53,21 @@ def make_plans(spec: DiffusionJobSpec, names: list[str], ranks: int) -> list[dic
             p = plan(replace(base, strategy="patch"), pool)
             ranks_doc = [r.model_copy(update={"stride": k}) for r, k in zip(p.ranks, strides, strict=True)]
             p = p.model_copy(update={"strategy": "stadi", "ranks": ranks_doc, "sync_period": math.lcm(*strides)})
-        elif name.startswith("cfg-stride:"):
-            strides = [int(k) for k in name.removeprefix("cfg-stride:").split("-")]
+        elif name.startswith(("cfg-stride:", "cfg-stride+band:")):
+            strategy, _, given = name.partition(":")
+            strides = [int(k) for k in given.split("-")]
             if ranks != 2 or len(strides) != 2 or strides[0] != 1 or strides[1] < 1:
                 raise ValueError(f"plan {name!r}: need 2 ranks and strides 1-K (cond, uncond), K >= 1")
             p = plan(replace(base, strategy="cfg"), pool)  # rank 0 cond, rank 1 uncond
             ranks_doc = [r.model_copy(update={"stride": strides[r.rank]}) for r in p.ranks]
-            p = p.model_copy(update={"strategy": "cfg-stride", "ranks": ranks_doc, "sync_period": strides[1]})
+            if strategy == "cfg-stride+band":  # the uncond branch in two equal bands, the top one on rank 0
+                half = p.latent_height // p.granularity // 2 * p.granularity
+                ranks_doc = [ranks_doc[0].model_copy(update={"uncond_rows": (0, half)}),
+                             ranks_doc[1].model_copy(update={"rows": (half, p.latent_height)})]
+            p = p.model_copy(update={"strategy": strategy, "ranks": ranks_doc, "sync_period": strides[1]})
         else:
             raise ValueError(f"unknown plan {name!r}: exact, patch, cfg, hybrid, stadi, stadi:K0-K1-..., "
-                             "cfg-stride:1-K, or FILE.json")
+                             "cfg-stride:1-K, cfg-stride+band:1-K, or FILE.json")
         p.validate_for(ranks)
         runs.append({"name": name, "plan": p.model_dump(mode="json"), "exact": exact})
     return runs

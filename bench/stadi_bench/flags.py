@@ -66,9 +66,13 @@ def add_speed_arguments(parser: Any) -> None:
     parser.add_argument("--name", default=None, help="results name: bench/results/NAME.json (default: speed-DEVICE)")
     parser.add_argument("--out-dir", default="bench/results", help="where NAME.json and NAME.png go")
     parser.add_argument("--no-plot", action="store_true", help="no PNG (e.g. when results are merged later)")
-    parser.add_argument("--peer", choices=("xdit",), help="also measure this peer engine at every level (sd3, 2 GPUs)")
+    parser.add_argument("--peer", choices=("xdit",), help="also measure this peer engine at every level (2 GPUs)")
+    parser.add_argument("--peer-family", choices=("sd3", "flux"), default="sd3",
+                        help="the pipeline the peer runs (one of --models; default sd3)")
     parser.add_argument("--peer-configs", default="all",
-                        help="the peer's configurations, comma-separated: cfg,cfg-compile,pipefusion,ulysses,ring")
+                        help="the peer's configurations, comma-separated (default all): sd3 cfg,cfg-compile,"
+                        "pipefusion,ulysses,ring; flux ulysses,ulysses-compile,ring,ring-compile,pipefusion,"
+                        "pipefusion-compile")
     parser.add_argument("--peer-timeout", type=float, default=300.0,
                         help="seconds per peer configuration and level before it is killed (and recorded as such)")
     parser.add_argument("--peer-only", action="store_true",
@@ -77,7 +81,8 @@ def add_speed_arguments(parser: Any) -> None:
 
 def add_train_arguments(p: Any) -> None:
     """Flags of ``stadi train`` (defaults: the committed models, trained on one H200)."""
-    p.add_argument("--family", required=True, choices=("sdxl", "sd3"), help="the family whose small model to train")
+    p.add_argument("--family", required=True, choices=("sdxl", "sd3", "flux"),
+                   help="the family whose small model to train")
     p.add_argument("--out", required=True, help="checkpoint directory to write (diffusers layout, fp16 safetensors)")
     p.add_argument("--size", type=int, default=256, help="training images are SIZE x SIZE pixels (default 256)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")

@@ -5,9 +5,9 @@ DiffusionJobSpec document), ``prompt`` and ``seed`` (or ``cases``: a list of ``{
 ``cache_dir``, ``out`` and ``runs``: a list of ``{"name", "plan" (a Plan document, or null for the serial
 reference on rank 0), "exact", "replan", "slowdown" ({rank: factor})}``. Rank 0 writes ``out/NAME.pt`` (with
 ``cases``: ``out/NAME@I.pt`` for case I) with the final latent, the decoded image in [0, 1], every rank's step
-times, model evaluations and exchange points (and under strategy cfg-stride, per step the base index of the
-latent each guiding unconditional prediction came from), the final plan and the measured speeds. The CPU tests and
-``stadi bench fidelity`` both use it.
+times, model evaluations and exchange points (and under the branch strides, per step the base index of the
+latent each guiding unconditional prediction came from, and the evaluations of uncond bands), the final plan
+and the measured speeds. The CPU tests and ``stadi bench fidelity`` both use it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def _run_entry(entry: dict[str, Any], pipe: Any, spec: DiffusionJobSpec, ctx: An
     res = generate(pipe, spec, plan, ctx, prompt, seed, exact=entry.get("exact", False),
                    replan_after_warmup=entry.get("replan", False),
                    pace=pacer(slow.get(ctx.rank, 1.0), ctx.device), workspace=Workspace(settings.engine))
-    mine = (res.step_ms, res.evals, res.exchanges, getattr(res, "uncond_from", None))
+    mine = (res.step_ms, res.evals, res.exchanges, getattr(res, "uncond_from", None),
+            getattr(res, "band_evals", None), getattr(res, "band_collectives", None))
     every: list[Any] = [mine]
     if ctx.world_size > 1:
         every = [None] * ctx.world_size
@@ -77,7 +78,8 @@ def _run_entry(entry: dict[str, Any], pipe: Any, spec: DiffusionJobSpec, ctx: An
     if ctx.rank == 0:
         torch.save({"latents": res.latents, "step_ms": [e[0] for e in every],
                     "evals": [e[1] for e in every], "exchanges": [e[2] for e in every],
-                    "uncond_from": [e[3] for e in every],
+                    "uncond_from": [e[3] for e in every], "band_evals": [e[4] for e in every],
+                    "band_collectives": [e[5] for e in every],
                     "image": ops_for(pipe, spec.model.family).decode_tensor(res.latents),
                     "plan": (res.plan or plan).model_dump(mode="json"),
                     "measured_speeds": res.measured_speeds, "replanned": res.replanned}, path)

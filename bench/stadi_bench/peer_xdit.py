@@ -19,16 +19,28 @@ from typing import Any
 
 from stadi_worker.cli.ranks import python_module, rank_log, run_ranks
 
-FAMILY = "sd3"  # xDiT's pipeline wrapper used here: xFuserStableDiffusion3Pipeline
 WORLD = 2
-# xfuser CLI flags of each 2-GPU configuration
-CONFIGS: dict[str, tuple[str, ...]] = {
-    "cfg": ("--use_cfg_parallel",),
-    "cfg-compile": ("--use_cfg_parallel", "--use_torch_compile"),
-    "pipefusion": ("--pipefusion_parallel_degree", "2"),
-    "ulysses": ("--ulysses_degree", "2"),
-    "ring": ("--ring_degree", "2"),
+_COMPILE = ("--use_torch_compile",)
+# xfuser CLI flags of each 2-GPU configuration, per family xDiT runs here (the driver's ``PIPELINES``). FLUX.1 is
+# guidance-distilled: no CFG parallel; its published 2-GPU figures are Ulysses and Ring with torch.compile.
+CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd3": {
+        "cfg": ("--use_cfg_parallel",),
+        "cfg-compile": ("--use_cfg_parallel", *_COMPILE),
+        "pipefusion": ("--pipefusion_parallel_degree", "2"),
+        "ulysses": ("--ulysses_degree", "2"),
+        "ring": ("--ring_degree", "2"),
+    },
+    "flux": {
+        "ulysses": ("--ulysses_degree", "2"),
+        "ulysses-compile": ("--ulysses_degree", "2", *_COMPILE),
+        "ring": ("--ring_degree", "2"),
+        "ring-compile": ("--ring_degree", "2", *_COMPILE),
+        "pipefusion": ("--pipefusion_parallel_degree", "2"),
+        "pipefusion-compile": ("--pipefusion_parallel_degree", "2", *_COMPILE),
+    },
 }
+FAMILIES = tuple(CONFIGS)
 DRIVER = tuple(python_module("stadi_bench.xdit_driver"))
 
 
@@ -37,6 +49,7 @@ class PeerJob:
     """What every configuration generates: stadi's job of the same run, on the same pipeline directory."""
 
     model_dir: Path
+    family: str
     height: int
     width: int
     steps: int
@@ -48,13 +61,14 @@ class PeerJob:
     warmup_runs: int
 
 
-def parse_configs(text: str) -> list[str]:
-    """``"cfg,pipefusion"`` -> the configuration names, checked; ``"all"`` -> every one."""
-    names = list(CONFIGS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
+def parse_configs(text: str, family: str = "sd3") -> list[str]:
+    """``"cfg,pipefusion"`` -> the configuration names of ``family``, checked; ``"all"`` -> every one."""
+    known = CONFIGS[family]
+    names = list(known) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ValueError(f"--peer-configs: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"known: {', '.join(CONFIGS)}")
+        raise ValueError(f"--peer-configs: unknown {', '.join(unknown) or '(none given)'} for {family}; "
+                         f"known: {', '.join(known)}")
     return names
 
 
@@ -65,7 +79,7 @@ def driver_argv(config: str, job: PeerJob, json_out: Path) -> list[str]:
             "--num_inference_steps", str(job.steps), "--guidance_scale", str(job.guidance), "--seed", str(job.seed),
             "--warmup_steps", "1", "--bench_prompt", job.prompt, "--dtype", job.dtype,
             "--warmup_runs", str(job.warmup_runs), "--repeats", str(job.runs), "--json_out", str(json_out),
-            *CONFIGS[config]]
+            "--family", job.family, *CONFIGS[job.family][config]]
 
 
 def log_tail(path: Path, lines: int = 6) -> list[str]:
@@ -133,9 +147,9 @@ def run_level(level: str, configs: list[str], job: PeerJob, workdir: Path, env: 
     return best(results)
 
 
-def new_block(configs: list[str], timeout_s: float) -> dict[str, Any]:
+def new_block(configs: list[str], timeout_s: float, family: str = "sd3") -> dict[str, Any]:
     """The result's ``peer`` block, before any level."""
-    return {"engine": "xDiT", "package": "xfuser", "family": FAMILY, "configs": configs, "timeout_s": timeout_s,
+    return {"engine": "xDiT", "package": "xfuser", "family": family, "configs": configs, "timeout_s": timeout_s,
             "version": None, "levels": {}}
 
 

@@ -18,9 +18,10 @@ first to the last rank's return (text encoding and denoising loop, final latent 
 the peer measures). Fidelity: PSNR/SSIM of each strategy's decoded image against rank 0's serial image of the
 same seed (VAE in fp32).
 
-The peer (``--peer xdit``, SD3 only): after stadi's ranks at each level, every chosen xDiT 2-GPU configuration
-on the same pipeline directory, job and MPS setting (``stadi_bench.peer_xdit``); its best per level goes into
-the result's ``peer`` block, the summary (``stadi_vs_peer``: peer's best / stadi latency), the table and the plot.
+The peer (``--peer xdit``, on the SD3 or the Flux pipeline: ``--peer-family``): after stadi's ranks at each
+level, every chosen xDiT 2-GPU configuration on the same pipeline directory, job and MPS setting
+(``stadi_bench.peer_xdit``); its best per level goes into the result's ``peer`` block, the summary
+(``stadi_vs_peer``: peer's best / stadi latency), the table and the plot.
 """
 
 from __future__ import annotations
@@ -211,9 +212,10 @@ def _peer_job(args: Any, models: list[dict[str, Any]], world: int, cache: Path) 
 
     if not args.peer:
         return None
-    doc = next((m for m in models if m["model"]["family"] == peer_xdit.FAMILY), None)
+    family = args.peer_family
+    doc = next((m for m in models if m["model"]["family"] == family), None)
     if doc is None:
-        raise ValueError(f"--peer {args.peer} runs on the {peer_xdit.FAMILY} pipeline: add it to --models")
+        raise ValueError(f"--peer {args.peer} runs on the {family} pipeline (--peer-family): add it to --models")
     if world != peer_xdit.WORLD:
         raise ValueError(f"--peer {args.peer} runs xDiT's {peer_xdit.WORLD}-GPU configurations (got {world} ranks)")
     from stadi_worker.job.loading import resolve_source
@@ -222,9 +224,9 @@ def _peer_job(args: Any, models: list[dict[str, Any]], world: int, cache: Path) 
 
     # the directory stadi's ranks load (built here when missing, before any rank starts)
     model_dir = resolve_source(ModelSource.model_validate(doc["model"]), cache)
-    return peer_xdit.PeerJob(model_dir=model_dir, height=doc["height"], width=doc["width"], steps=doc["steps"],
-                             guidance=doc["guidanceScale"], seed=doc["seed"], prompt=args.prompt, dtype=args.dtype,
-                             runs=args.runs, warmup_runs=args.warmup_runs)
+    return peer_xdit.PeerJob(model_dir=model_dir, family=family, height=doc["height"], width=doc["width"],
+                             steps=doc["steps"], guidance=doc["guidanceScale"], seed=doc["seed"], prompt=args.prompt,
+                             dtype=args.dtype, runs=args.runs, warmup_runs=args.warmup_runs)
 
 
 def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
@@ -266,7 +268,7 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
     cache = Path(args.cache_dir) if args.cache_dir else WorkerSettings().models_dir
     if args.peer_only and not args.peer:
         raise ValueError("--peer-only needs --peer")
-    peer_configs = peer_xdit.parse_configs(args.peer_configs) if args.peer else []
+    peer_configs = peer_xdit.parse_configs(args.peer_configs, args.peer_family) if args.peer else []
     peer_job = _peer_job(args, models, world, cache)
     strategies = _strategies(args.strategies, world)
     result: dict[str, Any] = {
@@ -279,7 +281,7 @@ def run_bench(args: Any, argv: list[str] | None = None, on_level: Any = None,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM", "STADI_"))},
     }
     if args.peer:
-        result["peer"] = peer_xdit.new_block(peer_configs, args.peer_timeout)
+        result["peer"] = peer_xdit.new_block(peer_configs, args.peer_timeout, args.peer_family)
     with tempfile.TemporaryDirectory(prefix="stadi-speed-") as tmp:
         work = Path(tmp)
         need_mps = use_mps and any(set(level_slowdowns(lv, world).values()) != {"100"} for lv in levels)

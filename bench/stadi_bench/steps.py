@@ -47,13 +47,12 @@ def by_hand(ops: Any, spec: DiffusionJobSpec, denoiser: Any) -> float:
     """Seconds of one image: ``denoiser`` (compiled) captured by hand as one CUDA graph of the guided step,
     replayed at every step, the scheduler stepping in between; no engine."""
     from stadi_worker.engine.bands import guide
-    from stadi_worker.engine.sampling import BandSampler, initial_noise
+    from stadi_worker.engine.sampling import initial_noise, job_sampler
     from stadi_worker.models.base import batch_branches
-    from stadi_worker.models.schedulers import make_scheduler
 
     with torch.no_grad():
         cond = batch_branches(ops.encode(spec, spec.prompts[0], True), ["uncond", "cond"])
-        sampler = BandSampler(make_scheduler(ops, spec.scheduler), spec.steps, ops.device)
+        sampler = job_sampler(ops, spec)
         x = initial_noise(ops.latent_shape(spec), 0, sampler.init_noise_sigma).to(ops.device, ops.dtype)
         static_x, static_t = x.clone(), sampler.timesteps[0].clone()
 

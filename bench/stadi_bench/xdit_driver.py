@@ -1,14 +1,16 @@
-"""One xDiT (``xfuser`` 0.7.0) SD3 configuration on every rank: the peer of ``stadi bench speed --peer xdit``.
+"""One xDiT (``xfuser`` 0.7.0) configuration of SD3 or Flux on every rank: the peer of ``stadi bench speed --peer
+xdit``.
 
 Vendored from the peer-xdit kit (``../shared/peer-xdit/xdit_driver.py``, measured there on 2xH200), adapted to
-run on stadi's own random SD3 pipeline directory and to be launched by ``stadi_bench.peer_xdit`` (one process
+run on stadi's own random SD3 (or Flux) pipeline directory and to be launched by ``stadi_bench.peer_xdit`` (one process
 per rank, ``RANK``/``WORLD_SIZE``/``MASTER_*`` in the environment, CUDA MPS set per rank by the caller).
 
-It follows xDiT's documented API as its ``examples/sd3_example.py`` does: xFuserArgs CLI -> ``create_config()``
--> ``xFuserStableDiffusion3Pipeline.from_pretrained``. Timed: the whole pipeline call with
-``output_type="latent"`` (prompt encoding + denoising loop, no VAE decode, as stadi's figures), ``--warmup_runs``
-untimed calls, then ``--repeats`` timed ones, each between a barrier and device syncs; a call's time is the
-maximum over ranks. Rank 0 writes the result to ``--json_out``.
+It follows xDiT's documented API as its ``examples/sd3_example.py`` and ``flux_example.py`` do: xFuserArgs CLI
+-> ``create_config()`` -> ``xFuserStableDiffusion3Pipeline`` (``xFuserFluxPipeline``) ``.from_pretrained``. The
+Flux path is written from that example and not yet run (no xfuser on the CPU machine; the two-GPU issue runs
+it). Timed: the whole pipeline call with ``output_type="latent"`` (prompt encoding + denoising loop, no VAE decode,
+as stadi's figures), ``--warmup_runs`` untimed calls, then ``--repeats`` timed ones, each between a barrier and
+device syncs; a call's time is the maximum over ranks. Rank 0 writes the result to ``--json_out``.
 
     python -m stadi_bench.xdit_driver --model DIR --height 1024 --width 1024 --num_inference_steps 50 \
         --guidance_scale 5 --use_cfg_parallel --json_out /tmp/cfg.json      (on each rank)
@@ -45,6 +47,12 @@ def fix_sd3_pipefusion_kv() -> None:
     ap.USP = patched
 
 
+# xDiT's pipeline wrapper per family, and what each pipeline call takes beside the job (Flux: as many T5 tokens
+# as stadi's FluxOps encodes, MAX_SEQUENCE_LENGTH)
+PIPELINES = {"sd3": "xFuserStableDiffusion3Pipeline", "flux": "xFuserFluxPipeline"}
+CALL_KWARGS: dict[str, dict[str, Any]] = {"sd3": {}, "flux": {"max_sequence_length": 512}}
+
+
 def _parse_args(argv: list[str] | None) -> Any:
     from xfuser import xFuserArgs
     from xfuser.config import FlexibleArgumentParser
@@ -52,6 +60,7 @@ def _parse_args(argv: list[str] | None) -> Any:
     parser = FlexibleArgumentParser(description="xDiT SD3 latency driver (stadi bench speed --peer xdit)")
     xFuserArgs.add_cli_args(parser)
     parser.add_argument("--json_out", required=True, help="where rank 0 writes the result")
+    parser.add_argument("--family", default="sd3", choices=tuple(PIPELINES), help="the pipeline's family")
     parser.add_argument("--bench_prompt", default="a lighthouse on a cliff at dusk, oil painting")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--warmup_runs", type=int, default=1)
@@ -62,11 +71,12 @@ def _parse_args(argv: list[str] | None) -> Any:
 def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
-    from xfuser import xFuserArgs, xFuserStableDiffusion3Pipeline
+    import xfuser
+    from xfuser import xFuserArgs
     from xfuser.core.distributed import get_runtime_state, get_world_group
 
     args = _parse_args(argv)
-    kv_fix = args.pipefusion_parallel_degree > 1
+    kv_fix = args.family == "sd3" and args.pipefusion_parallel_degree > 1
     if kv_fix:
         fix_sd3_pipefusion_kv()
     engine_config, input_config = xFuserArgs.from_cli_args(args).create_config()
@@ -79,10 +89,11 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize(dev)
 
     model = Path(engine_config.model_config.model)
-    # stadi's random SD3 is saved without T5 (tiny.py): the pipeline then feeds zeros for its 256 tokens
-    no_t5 = {} if (model / "text_encoder_3").exists() else {"text_encoder_3": None, "tokenizer_3": None}
+    # stadi's random SD3 is saved without T5 (models/sd3.py): the pipeline then feeds zeros for its 256 tokens
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.family == "sd3" and not (
+        model / "text_encoder_3").exists() else {}
     t = time.perf_counter()
-    pipe = xFuserStableDiffusion3Pipeline.from_pretrained(
+    pipe = getattr(xfuser, PIPELINES[args.family]).from_pretrained(
         pretrained_model_name_or_path=str(model), engine_config=engine_config, dtype=dtype, **no_t5).to(dev)
     load_s = time.perf_counter() - t
 
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         out = pipe(height=input_config.height, width=input_config.width, prompt=args.bench_prompt,
                    num_inference_steps=input_config.num_inference_steps, output_type="latent",
-                   guidance_scale=input_config.guidance_scale,
+                   guidance_scale=input_config.guidance_scale, **CALL_KWARGS[args.family],
                    generator=torch.Generator(device=dev.type).manual_seed(input_config.seed))
         sync()
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=dev)
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     wrapped = any(isinstance(m, xFuserAttentionBaseWrapper) for m in pipe.module.transformer.modules())
     pc = engine_config.parallel_config
     result = {
-        "engine": "xDiT xfuser " + importlib.metadata.version("xfuser"), "world_size": group.world_size,
+        "engine": "xDiT xfuser " + importlib.metadata.version("xfuser"), "family": args.family,
+        "world_size": group.world_size,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "parallel": {"dp": pc.dp_degree, "cfg": pc.cfg_degree, "ulysses": pc.ulysses_degree, "ring": pc.ring_degree,
                      "pipefusion": pc.pp_degree, "num_pipeline_patch": pc.pp_config.num_pipeline_patch},

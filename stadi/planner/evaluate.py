@@ -10,7 +10,15 @@ from stadi.families import HybridSchedule, profile
 from stadi.planner.cost import DEFAULT_EXCHANGE, CostModel, Exchange
 from stadi.planner.hybrid import StageCut, hybrid_seconds
 from stadi.planner.stage_split import reference_units
-from stadi.planner.strategies import Group, Problem, Slot, _times, _windowed_seconds, cfg_stride_seconds
+from stadi.planner.strategies import (
+    Group,
+    Problem,
+    Slot,
+    _times,
+    _windowed_seconds,
+    cfg_stride_band_seconds,
+    cfg_stride_seconds,
+)
 
 
 def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride: int, min_effective: int,
@@ -26,6 +34,10 @@ def predict_seconds(plan: Plan, speeds: Sequence[float], warmup: int, max_stride
     if plan.strategy == "hybrid":
         return _hybrid_seconds(plan, cost, speeds)
     pb = Problem(cost, plan.steps, warmup, plan.guidance, max_stride, min_effective, fixed_link=True)
+    if plan.strategy == "cfg-stride+band":
+        cond, uncond = sorted(plan.ranks, key=lambda r: r.branch != "cond")
+        return cfg_stride_band_seconds(pb, Slot(cond.gpu, speeds[cond.rank]), Slot(uncond.gpu, speeds[uncond.rank]),
+                                       (cond.uncond_rows or (0, 0))[1] // fam.granularity, uncond.stride)
     groups = []
     active = plan.active
     for branch in sorted({r.branch for r in active}):

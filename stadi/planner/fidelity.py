@@ -55,6 +55,9 @@ MEASURED: dict[str, dict[str, Figures]] = {
         "cfg-stride:1-2": Figures(34.48, 20.906, None),
         "cfg-stride:1-3": Figures(35.919, 22.234, None),
         "cfg-stride:1-4": Figures(33.928, 21.286, None),
+        "cfg-stride+band:1-1": Figures(30.102, 21.427, 1.6361),
+        "cfg-stride+band:1-2": Figures(28.786, 19.519, 1.3805),
+        "cfg-stride+band:1-3": Figures(31.329, 22.53, 1.0671),
     },
     "sd3": {
         "exact": Figures(100.0, 100.0, 1.0),
@@ -67,6 +70,9 @@ MEASURED: dict[str, dict[str, Figures]] = {
         "cfg-stride:1-2": Figures(31.39, 23.284, None),
         "cfg-stride:1-3": Figures(30.085, 24.439, None),
         "cfg-stride:1-4": Figures(27.545, 22.957, None),
+        "cfg-stride+band:1-1": Figures(39.267, 30.76, 1.0485),
+        "cfg-stride+band:1-2": Figures(30.939, 23.148, 1.107),
+        "cfg-stride+band:1-3": Figures(29.093, 23.852, 1.0598),
     },
 }
 # Families not measured take their kind's figures, as stadi/families.py takes their cost constants (UNet: SDXL,
@@ -83,9 +89,9 @@ ADMITS: dict[str, tuple[str, ...]] = {
 
 def bench_name(strategy: str, strides: Sequence[int]) -> str:
     """The two-rank plan measured for this one, named as ``stadi bench fidelity --plans`` takes it:
-    ``stadi:1-k`` and ``cfg-stride:1-k`` with k the largest stride, ``patch`` for stadi+cfg's bands (stride 1,
-    stale context, like patch's), else the strategy's name."""
-    if strategy in ("stadi", "cfg-stride"):
+    ``stadi:1-k``, ``cfg-stride:1-k`` and ``cfg-stride+band:1-k`` with k the largest stride, ``patch`` for
+    stadi+cfg's bands (stride 1, stale context, like patch's), else the strategy's name."""
+    if strategy in ("stadi", "cfg-stride", "cfg-stride+band"):
         return f"{strategy}:1-{max(strides)}"
     if strategy == "stadi+cfg":
         return "patch"

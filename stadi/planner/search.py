@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from stadi.api import FIDELITIES, GUIDANCE_SPLITS, HybridPlan, Plan, RankPlan
+from stadi.api import BRANCH_STRIDES, FIDELITIES, GUIDANCE_SPLITS, HybridPlan, Plan, RankPlan
 from stadi.planner.fidelity import ADMITS, DEFAULT_QUALITY, classify
 from stadi.planner.strategies import STRATEGIES, Assignment, Candidate, Problem, Slot
 
@@ -104,7 +104,10 @@ def _why_not(strategy: str, pb: Problem, usable: int, limits: Limits) -> str:
         return f"strategy 'hybrid' has no stage split for model family {pb.cost.profile.family!r}"
     if strategy == "single":
         return f"strategy 'single' uses one GPU but parallelism.gpus.min is {limits.gpus_min}"
-    if strategy in ("cfg", "cfg-stride", "hybrid"):
+    if strategy == "cfg-stride+band" and pb.granules < 2:
+        return (f"strategy 'cfg-stride+band' cuts the image in two bands of {pb.cost.profile.granularity} latent "
+                f"rows at least; the image has {pb.granules}")
+    if strategy in ("cfg", "hybrid", *BRANCH_STRIDES):
         return f"strategy {strategy!r} needs exactly 2 GPUs within parallelism.gpus; the pool allows {usable}"
     bands = pb.granules * (2 if strategy == "stadi+cfg" else 1)
     if limits.gpus_min > bands:
@@ -141,7 +144,7 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
     left out."""
     ranks = launch_order(chosen.ranks(pb.cost))
     used = {id(a.slot) for a in ranks}
-    return Plan(
+    plan = Plan(
         strategy=chosen.strategy,  # type: ignore[arg-type]
         family=pb.cost.profile.family,
         latent_height=pb.cost.latent_height,
@@ -173,6 +176,15 @@ def to_plan(pb: Problem, chosen: Candidate, best: dict[str, Candidate], slots: S
         left_out=[_describe(s) for s in slots if id(s) not in used],
         hybrid=_hybrid_plan(pb, chosen),
     )
+    return _shared(plan, chosen.shared * pb.cost.profile.granularity) if chosen.shared else plan
+
+
+def _shared(plan: Plan, rows: int) -> Plan:
+    """A cfg-stride+band plan: the top ``rows`` of the uncond branch on the cond rank, the rest on the uncond
+    rank."""
+    ranks = [r.model_copy(update={"uncond_rows": (0, rows)} if r.branch == "cond" else
+                          {"rows": (rows, plan.latent_height)}) for r in plan.ranks]
+    return plan.model_copy(update={"ranks": ranks})
 
 
 def _hybrid_plan(pb: Problem, chosen: Candidate) -> HybridPlan | None:

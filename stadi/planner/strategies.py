@@ -99,6 +99,7 @@ class Candidate:
     groups: tuple[Group, ...]
     sync_period: int = 1
     cut: StageCut | None = None  # hybrid
+    shared: int = 0  # cfg-stride+band: granules of the uncond branch's rows (the top ones) the cond rank evaluates
 
     def order(self) -> tuple[float, int, int, int]:
         """Lower latency first; ties go to the smaller P, then the smaller sum of strides, then fewer GPUs."""
@@ -273,6 +274,63 @@ def cfg_stride(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     return out
 
 
+def cfg_stride_band_seconds(pb: Problem, fast: Slot, slow: Slot, shared: int, stride: int) -> float:
+    """Strategy cfg-stride+band's latency: as cfg-stride, but the uncond branch is cut in two bands, ``shared``
+    granules (the top rows) evaluated by the cond rank at each window start besides its k steps, the rest by the
+    uncond rank, each band reading the other's context of the previous window (one bucketed exchange per window).
+
+    Warmup and lead run as cfg. Of the (T - W) // k windows the first evaluates the bands synchronously (fresh
+    context; both ranks' bands advance together layer by layer), the last none (nobody reads them), the others
+    stale: a window costs max(k * c_cond + b_cond, b_uncond + the latent's transfer, max(b) + the exchange)
+    and two collectives (the latent swap, the band exchange), b each band's step with its staging copies.
+    """
+    cost = pb.cost
+    warm = max(1, min(pb.warmup, pb.steps))
+    lead = warm + (pb.steps - warm) % stride
+    windows = (pb.steps - warm) // stride
+    cond_ms = cost.step_ms(cost.latent_height, 1, fast.speed)
+    split = lead * (max(cond_ms, cost.step_ms(cost.latent_height, 1, slow.speed)) + cost.latent_exchange_ms())
+    if windows == 0:
+        return split / 1e3
+    granularity = cost.profile.granularity
+    rows = (shared * granularity, (pb.granules - shared) * granularity)
+
+    def band(mine: int, other: int, speed: float, synchronous: bool) -> float:
+        step = cost.step_ms(rows[mine], 1, speed, banded=True, synchronous=synchronous)
+        if synchronous:
+            return step + cost.exchange_ms(rows[other], 1)
+        return step + cost.staging_ms(rows[mine], 1, speed) + cost.staging_ms(rows[other], 1, speed)
+
+    def window(synchronous: bool) -> float:
+        ours, theirs = band(0, 1, fast.speed, synchronous), band(1, 0, slow.speed, synchronous)
+        if synchronous:  # the per-layer exchange runs both bands at the pace of the slower
+            return max(ours, theirs) + stride * cond_ms + 2 * COLLECTIVE_MS
+        exchange = max(ours, theirs) + cost.exchange_ms(max(rows), 1)
+        return max(stride * cond_ms + ours, theirs + cost.latent_transfer_ms(), exchange) + 2 * COLLECTIVE_MS
+
+    banded = window(True) + max(windows - 2, 0) * window(False) if windows > 1 else 0.0
+    return (split + banded + stride * cond_ms) / 1e3
+
+
+def cfg_stride_band(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
+    """Branch strides with the uncond branch shared: the faster GPU runs the cond branch every step and also a
+    band of the uncond branch once per window of k steps, the slower GPU the rest of it
+    (``cfg_stride_band_seconds``). Per k (within cfg-stride's caps, k = 1 included: each step guides along the
+    direction of the step before it) the band that minimises the latency."""
+    if not pb.guidance or len(slots) != 2 or pb.granules < 2:
+        return []
+    fast, slow = slots
+    cond = Group((fast,), (pb.granules,), (1,), "cond", 1)
+    warm = min(pb.warmup, pb.steps)
+    cap = stride_cap(slow.speed, fast.speed, pb.max_stride, pb.steps, warm, pb.min_effective_steps)
+    out = []
+    for k in range(1, cap + 1):
+        seconds, shared = min((cfg_stride_band_seconds(pb, fast, slow, a, k), a) for a in range(1, pb.granules))
+        uncond = Group((slow,), (pb.granules - shared,), (k,), "uncond", 1)
+        out.append(Candidate("cfg-stride+band", seconds, (cond, uncond), k, shared=shared))
+    return out
+
+
 def stadi(pb: Problem, slots: Sequence[Slot]) -> list[Candidate]:
     """Elastic bands and strided sub-grids: one candidate per stride vector, and equal bands at stride 1."""
     if not 2 <= len(slots) <= pb.granules:
@@ -337,6 +395,7 @@ STRATEGIES: dict[str, Callable[[Problem, Sequence[Slot]], list[Candidate]]] = {
     "patch": patch,
     "cfg": cfg,
     "cfg-stride": cfg_stride,
+    "cfg-stride+band": cfg_stride_band,
     "stadi": stadi,
     "stadi+cfg": stadi_cfg,
     "hybrid": hybrid,

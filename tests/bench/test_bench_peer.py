@@ -46,8 +46,8 @@ def driver(tmp_path: Path) -> tuple[str, ...]:
     return (sys.executable, str(path))
 
 
-def job(model_dir: Path = Path("/models/random-full-sd3-v2")) -> PeerJob:
-    return PeerJob(model_dir=model_dir, height=1024, width=1024, steps=50, guidance=5.0, seed=42,
+def job(model_dir: Path = Path("/models/random-full-sd3-v2"), family: str = "sd3") -> PeerJob:
+    return PeerJob(model_dir=model_dir, family=family, height=1024, width=1024, steps=50, guidance=5.0, seed=42,
                    prompt="a lighthouse", dtype="float16", runs=3, warmup_runs=1)
 
 
@@ -58,6 +58,11 @@ def test_parse_configs() -> None:
         peer_xdit.parse_configs("cfg,tp")
     with pytest.raises(ValueError, match="none given"):
         peer_xdit.parse_configs(",")
+    # FLUX.1 has no guidance branch: Ulysses, Ring and PipeFusion, each with and without torch.compile
+    assert peer_xdit.parse_configs("all", "flux") == ["ulysses", "ulysses-compile", "ring", "ring-compile",
+                                                      "pipefusion", "pipefusion-compile"]
+    with pytest.raises(ValueError, match="unknown cfg for flux"):
+        peer_xdit.parse_configs("cfg", "flux")
 
 
 def test_driver_argv_carries_the_job_and_the_configuration() -> None:
@@ -66,14 +71,16 @@ def test_driver_argv_carries_the_job_and_the_configuration() -> None:
     assert opts == {"--model": "/models/random-full-sd3-v2", "--height": "1024", "--width": "1024",
                     "--num_inference_steps": "50", "--guidance_scale": "5.0", "--seed": "42", "--warmup_steps": "1",
                     "--bench_prompt": "a lighthouse", "--dtype": "float16", "--warmup_runs": "1", "--repeats": "3",
-                    "--json_out": "/w/result.json"}
+                    "--json_out": "/w/result.json", "--family": "sd3"}
     assert argv[-2:] == ["--use_cfg_parallel", "--use_torch_compile"]
+    flux = peer_xdit.driver_argv("ring-compile", job(family="flux"), Path("r"))
+    assert flux[-5:] == ["--family", "flux", "--ring_degree", "2", "--use_torch_compile"]
     assert peer_xdit.driver_argv("pipefusion", job(), Path("r"))[-2:] == ["--pipefusion_parallel_degree", "2"]
     assert peer_xdit.driver_argv("ring", job(), Path("r"))[-2:] == ["--ring_degree", "2"]
 
 
 def test_run_level_records_every_configuration(tmp_path: Path, driver: tuple[str, ...]) -> None:
-    entry = peer_xdit.run_level("50", list(peer_xdit.CONFIGS), job(), tmp_path, {"EXTRA": "1"},
+    entry = peer_xdit.run_level("50", list(peer_xdit.CONFIGS["sd3"]), job(), tmp_path, {"EXTRA": "1"},
                                 {1: {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}}, timeout_s=5, driver=driver)
     configs = entry["configs"]
     assert list(configs) == ["cfg", "cfg-compile", "pipefusion", "ulysses", "ring"]
@@ -110,7 +117,7 @@ def _levels() -> dict[str, Any]:
 
 
 def _peer(levels: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    block = peer_xdit.new_block(list(peer_xdit.CONFIGS), 300.0)
+    block = peer_xdit.new_block(list(peer_xdit.CONFIGS["sd3"]), 300.0)
     for level, configs in levels.items():
         peer_xdit.record_level(block, level, peer_xdit.best(configs))
     return block
@@ -191,11 +198,29 @@ def test_peer_only_bench_on_cpu(tiny_dir: Any, model_cache: Path, driver: tuple[
     assert result["summary"]["peer_best"]["1"] == {"config": "cfg-compile", "latency_ms": 1140.0}
 
 
+def test_peer_runs_on_the_flux_pipeline(tiny_dir: Any, model_cache: Path, driver: tuple[str, ...]) -> None:
+    """``--peer-family flux``: xDiT's Flux configurations on the Flux pipeline directory stadi uses, the driver
+    told the family."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--size", "tiny", "--models", "flux", "--height", "64",
+                              "--steps", "4", "--guidance", "3.5", "--runs", "1", "--warmup-runs", "0",
+                              "--cache-dir", str(model_cache), "--peer", "xdit", "--peer-family", "flux",
+                              "--peer-configs", "ulysses,ulysses-compile", "--peer-only", "--peer-timeout", "20"])
+    model_dir = tiny_dir("flux")
+    peer = run_bench(args, ["--peer", "xdit"], None, driver)["peer"]
+    assert peer["family"] == "flux" and peer["configs"] == ["ulysses", "ulysses-compile"]
+    entry = peer["levels"]["1"]
+    assert {c["model"] for c in entry["configs"].values()} == {str(model_dir)}
+    # the stand-in marks Ulysses' latents not finite (as a broken run would be): no best among them
+    assert entry["best"] is None and all("error" in c for c in entry["configs"].values())
+
+
 def test_peer_needs_sd3_and_two_ranks(model_cache: Path) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     common = ["--device", "cpu", "--size", "tiny", "--cache-dir", str(model_cache), "--peer", "xdit", "--peer-only"]
-    with pytest.raises(ValueError, match="sd3 pipeline"):
+    with pytest.raises(ValueError, match=r"sd3 pipeline \(--peer-family\)"):
         run_bench(parser.parse_args([*common, "--models", "sdxl"]))
     with pytest.raises(ValueError, match="2-GPU configurations"):
         run_bench(parser.parse_args([*common, "--models", "sd3", "--ranks", "3"]))

@@ -36,7 +36,7 @@ def test_batches_are_augmented_seeded_crops(samples: list) -> None:
     assert float(images.std(dim=(1, 2, 3)).min()) > 0.01
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_a_few_steps_make_a_checkpoint_the_worker_loads(family: str, tmp_path: Path) -> None:
     from stadi_bench.train.run import train
     from stadi_worker.engine.serial import generate_serial
@@ -51,7 +51,7 @@ def test_a_few_steps_make_a_checkpoint_the_worker_loads(family: str, tmp_path: P
     saved = json.loads((out / "train.json").read_text())
     assert saved == json.loads(json.dumps(record)) and saved["steps_run"] == 2 and saved["vae_steps_run"] == 2
     assert saved["captions"] == list(CAPTIONS) and saved["megabytes"] < 16
-    assert (saved["vae_shift_factor"] is not None) == (family == "sd3")  # SD3 shifts its latents
+    assert (saved["vae_shift_factor"] is not None) == (family in ("sd3", "flux"))  # their VAEs shift latents
     weights = [p for p in out.rglob("*.safetensors")]
     assert len(weights) == 4
     source = ModelSource(family=family, source=f"file://{out}", dtype="float32")

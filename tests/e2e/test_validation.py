@@ -1,8 +1,8 @@
 """The API server with the generated CRD against the shared table of tests/validation_cases.py: it refuses every
 invalid DiffusionJob naming the same field as the pydantic model and the operator's admission check (the CRD's
 schema, its CEL rules, kubectl's strict field validation), and accepts every valid one; ``kubectl create
---dry-run=server`` runs the whole admission chain and stores nothing. Then the one rule only the operator applies,
-on a stored job."""
+--dry-run=server`` runs the whole admission chain and stores nothing. Then a stored FLUX.1 job, admitted and
+planned by the operator."""
 
 from __future__ import annotations
 
@@ -39,10 +39,9 @@ def test_the_api_server_accepts_each_valid_job(stadi: Stadi, case: Valid) -> Non
     assert code == 0, f"{case.id}: {out}"
 
 
-def test_the_operator_fails_a_stored_job_that_only_it_refuses(stadi: Stadi) -> None:
-    """A family this release's worker cannot run (flux) is a valid DiffusionJob: stored, then failed by the
-    operator as InvalidSpec naming spec.model.family, with no pod created."""
-    doc = patched(metadata__name="flux-job", spec__model__family="flux")
+def test_the_operator_admits_and_plans_a_flux_job(stadi: Stadi) -> None:
+    """A FLUX.1 job (guidance-distilled) is stored, admitted and planned with one branch per step."""
+    doc = patched(metadata__name="flux-job", spec__model__family="flux", spec__guidanceScale=3.5)
     code, out = create(stadi, doc)
     assert code == 0, out
     doc["metadata"].pop("namespace")
@@ -51,11 +50,11 @@ def test_the_operator_fails_a_stored_job_that_only_it_refuses(stadi: Stadi) -> N
         def status() -> dict[str, Any]:
             return dict(stadi.cluster.kubectl_json("get", "dj", "flux-job", "-n", JOBS_NS).get("status") or {})
 
-        stadi.cluster.wait_for(lambda: status().get("phase") == "Failed", 60, "flux-job phase Failed")
+        stadi.cluster.wait_for(lambda: bool(status().get("plan")), 60, "flux-job planned")
         valid = {c["type"]: c for c in status()["conditions"]}["Valid"]
-        assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
-        assert valid["message"].startswith("spec.model.family: 'flux' can be planned"), valid["message"]
-        assert stadi.kubectl("get", "pods", "-n", JOBS_NS, "-l", "stadi.dev/job=flux-job", "-o", "name"
-                             ).stdout.strip() == ""
+        assert valid["status"] == "True", valid
+        plan = status()["plan"]
+        assert plan["family"] == "flux" and plan["guidance"] is False
+        assert {r["branch"] for r in plan["ranks"]} == {"both"}
     finally:
         stadi.kubectl("delete", "dj", "flux-job", "-n", JOBS_NS, "--wait=false", check=False)

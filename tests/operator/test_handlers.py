@@ -441,15 +441,14 @@ async def test_invalid_spec_fails_once_with_the_validation_message(cluster: Clus
     assert [r.method for r in list(cluster.server) if r.method != "GET"] == ["POST"]  # the one event
 
 
-async def test_a_family_the_worker_cannot_run_is_rejected_at_admission(cluster: Cluster) -> None:
-    cluster.add_job(model={"family": "flux", "source": "random://tiny"})
+async def test_a_flux_job_is_admitted_and_planned_without_guidance_branches(cluster: Cluster) -> None:
+    """FLUX.1 (guidance-distilled) runs: admitted, planned on the GPUs with one branch per step."""
+    cluster.add_job(model={"family": "flux", "source": "random://tiny"}, guidanceScale=3.5)
     await cluster.create()
-    assert cluster.status()["phase"] == "Failed"
-    valid = cluster.condition("Valid")
-    assert valid["reason"] == "InvalidSpec"
-    assert valid["message"] == ("spec.model.family: 'flux' can be planned (stadi plan) but this release's worker "
-                                "does not run it; runnable: sdxl, sd3, sd15, pixart")
-    assert cluster.pods() == {}
+    assert cluster.condition("Valid")["status"] == "True"
+    plan = cluster.status()["plan"]
+    assert plan["family"] == "flux" and plan["guidance"] is False
+    assert {r["branch"] for r in plan["ranks"]} == {"both"} and cluster.pods()
 
 
 async def test_fixing_the_spec_of_a_failed_job_replans(cluster: Cluster) -> None:

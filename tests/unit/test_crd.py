@@ -21,8 +21,8 @@ from tests.validation_cases import INVALID, Invalid
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIRS = [ROOT / "manifests" / "crds", ROOT / "charts" / "stadi" / "crds"]
 EXAMPLES = ROOT / "manifests" / "examples"
-REQUIRED_EXAMPLES = {"sdxl.yaml", "sd3.yaml", "sdxl-patch.yaml", "tiny-sdxl.yaml", "tiny-sd3.yaml",
-                     "tiny-pixart.yaml"}
+REQUIRED_EXAMPLES = {"sdxl.yaml", "sd3.yaml", "sdxl-patch.yaml", "flux.yaml", "tiny-sdxl.yaml", "tiny-sd3.yaml",
+                     "tiny-pixart.yaml", "tiny-flux.yaml"}
 
 TYPES = {"object", "array", "string", "integer", "number", "boolean"}
 # JSON-schema constructs a structural schema may not hold (or that the apiserver rejects outright).
@@ -365,7 +365,10 @@ def test_examples_cover_the_asked_configurations() -> None:
     sd3 = load("sd3.yaml").spec
     assert (sd3.model.family, sd3.steps, sd3.scheduler) == ("sd3", 28, "flow-euler")
     assert load("sdxl-patch.yaml").spec.parallelism.strategy == "patch"
-    for name, family in (("tiny-sdxl.yaml", "sdxl"), ("tiny-sd3.yaml", "sd3"), ("tiny-pixart.yaml", "pixart")):
+    flux = load("flux.yaml").spec
+    assert (flux.model.family, flux.steps, flux.guidance_scale, flux.uses_cfg) == ("flux", 28, 3.5, False)
+    for name, family in (("tiny-sdxl.yaml", "sdxl"), ("tiny-sd3.yaml", "sd3"), ("tiny-pixart.yaml", "pixart"),
+                         ("tiny-flux.yaml", "flux")):
         tiny = load(name).spec
         assert (tiny.model.family, tiny.height, tiny.width, tiny.steps) == (family, 128, 128, 8)
         assert (tiny.parallelism.warmup_steps, tiny.parallelism.min_effective_steps) == (2, 4)

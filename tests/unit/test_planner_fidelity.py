@@ -28,11 +28,14 @@ def test_the_table_equals_the_json(family: str) -> None:
     assert MEASURED[family] == measured
 
 
-def test_every_measured_plan_but_sd3_cfg_stride_4_is_within_the_bound() -> None:
-    """Branch strides reuse the guidance direction up to 2k - 1 steps: at k = 4 SD3 falls to 27.5 dB."""
+def test_which_measured_plans_are_beyond_the_bound() -> None:
+    """Branch strides reuse the guidance direction up to 2k - 1 steps: at k = 4 SD3 falls to 27.5 dB. With a band
+    of the uncond branch on the faster GPU, the band's context is a window old too: SDXL's k = 1 leaves a seam
+    (1.64), its k = 2 and SD3's k = 3 fall under 30 dB; SDXL's k = 3 and SD3's k = 1, 2 stay within."""
     beyond = {(family, name) for family, rows in MEASURED.items() for name, f in rows.items()
               if not fid.within_bound(f)}
-    assert beyond == {("sd3", "cfg-stride:1-4")}
+    assert beyond == {("sd3", "cfg-stride:1-4"), ("sdxl", "cfg-stride+band:1-1"), ("sdxl", "cfg-stride+band:1-2"),
+                      ("sd3", "cfg-stride+band:1-3")}
     assert all("stadi:1-4" not in rows for rows in MEASURED.values())
     assert not fid.within_bound(Figures(29.9, 25.0, 1.0)) and not fid.within_bound(Figures(35.0, 30.0, 1.61))
 
@@ -64,14 +67,14 @@ def test_branch_stride_4_is_bounded_for_the_unet_only() -> None:
 
 
 def test_a_plan_measured_later_is_classed_by_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """cfg-stride's figures appear under "cfg-stride:1-k": without them it is approximate, with them auto takes
-    it on an H100 beside one at half its speed."""
+    """cfg-stride's figures appear under "cfg-stride:1-k": without them (and cfg-stride+band's) it is approximate,
+    with them auto takes it on an H100 beside one at half its speed."""
     assert bench_name("cfg-stride", [1, 2]) == "cfg-stride:1-2" and bench_name("stadi", [3, 1]) == "stadi:1-3"
     request = PlanRequest("sd3", 1024, 1024, steps=50)
     after = plan(request, SD3_HALF)
     assert (after.strategy, after.fidelity) == ("cfg-stride", "bounded")
-    for k in (2, 3, 4):
-        monkeypatch.delitem(MEASURED["sd3"], f"cfg-stride:1-{k}")
+    for name in [f"cfg-stride:1-{k}" for k in (2, 3, 4)] + [f"cfg-stride+band:1-{k}" for k in (1, 2, 3)]:
+        monkeypatch.delitem(MEASURED["sd3"], name)
     before = plan(request, SD3_HALF)
     assert before.strategy == "stadi" and before.alternative_fidelity["cfg-stride"] == "approximate"
     assert after.predicted_seconds == before.alternatives["cfg-stride"] < before.predicted_seconds

@@ -28,8 +28,10 @@ from stadi.planner.fidelity import ADMITS, MEASURED, MEASURED_AS, bench_name
 
 PRODUCTS = tuple(sorted(CATALOGUE))
 FAMILIES = ("sdxl", "sd3", "sd15")
-STRATEGIES = ("auto", "single", "patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid")
-MULTI_GPU = ("patch", "cfg", "cfg-stride", "stadi", "stadi+cfg", "hybrid")
+STRATEGIES = ("auto", "single", "patch", "cfg", "cfg-stride", "cfg-stride+band", "stadi", "stadi+cfg", "hybrid")
+MULTI_GPU = ("patch", "cfg", "cfg-stride", "cfg-stride+band", "stadi", "stadi+cfg", "hybrid")
+SPLITS = ("cfg", "cfg-stride", "cfg-stride+band", "stadi+cfg", "hybrid")  # one group per guidance branch
+PAIRS = ("cfg", "cfg-stride", "cfg-stride+band", "hybrid")  # exactly two GPUs
 MAX_POOL = 6
 
 # Planning a 6-GPU pool at 2048^2 takes up to ~0.1 s on a slow core: no per-example deadline. A longer hunt:
@@ -100,7 +102,7 @@ def _reason_not_applicable(req: PlanRequest, pool_size: int) -> str | None:
     """
     low, high = req.gpus_min, min(req.gpus_max, pool_size)
     s = req.strategy
-    if s in ("cfg", "cfg-stride", "stadi+cfg", "hybrid") and not req.guidance:
+    if s in SPLITS and not req.guidance:
         return "guidance"
     if s == "hybrid" and req.family not in ("sdxl", "sd3"):
         return "no stage split"
@@ -108,7 +110,7 @@ def _reason_not_applicable(req: PlanRequest, pool_size: int) -> str | None:
         return "gpus.min"
     if s in MULTI_GPU and high < 2:
         return "2 GPUs"
-    if s in ("cfg", "cfg-stride", "hybrid") and low > 2:
+    if s in PAIRS and low > 2:
         return "exactly 2 GPUs"
     if s == "auto" and req.quality == "exact" and not _exact_fits(req, low, high):
         return "quality 'exact'"
@@ -161,13 +163,17 @@ def test_bands_tile_the_latent_height_once_per_branch(case: tuple[PlanRequest, l
     for branch in {r.branch for r in p.ranks}:
         covered = Counter()
         for r in p.ranks:
-            if r.branch == branch:
-                start, end = r.rows
+            # cfg-stride+band: the cond rank's uncond_rows are a band of the uncond branch
+            bands = [r.rows] if r.branch == branch else []
+            if branch == "uncond" and r.uncond_rows is not None:
+                bands.append(r.uncond_rows)
+            for start, end in bands:
                 assert 0 <= start < end <= height, r
                 assert start % g == 0 and end % g == 0, r
                 covered.update(range(start, end))
         assert covered == Counter(range(height)), f"branch {branch}: rows not covered exactly once"
-    expected = {"cond", "uncond"} if p.strategy in ("cfg", "cfg-stride", "stadi+cfg", "hybrid") else {"both"}
+    assert (p.strategy == "cfg-stride+band") == any(r.uncond_rows is not None for r in p.ranks)
+    expected = {"cond", "uncond"} if p.strategy in SPLITS else {"both"}
     assert {r.branch for r in p.ranks} == expected
 
 
@@ -356,7 +362,7 @@ def test_auto_never_picks_beyond_the_bound(case: tuple[PlanRequest, list[Device]
         figures = MEASURED[MEASURED_AS[req.family]][bench_name(p.strategy, [r.stride for r in active])]
         assert figures.psnr_db >= 30.0 and (figures.seam is None or figures.seam <= 1.6), figures
         # stride 4 of bands is not measured; branch strides are, up to k = 4 (within the bound on SDXL only)
-        assert p.strategy in ("hybrid", "cfg-stride") or max(r.stride for r in active) <= 3, p
+        assert p.strategy in ("hybrid", "cfg-stride", "cfg-stride+band") or max(r.stride for r in active) <= 3, p
 
 
 @PROPERTY

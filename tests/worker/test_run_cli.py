@@ -319,15 +319,20 @@ def test_stadi_run_bad_job_file(tmp_path: Path) -> None:
     assert "invalid DiffusionJob" in proc.stderr and "output" in proc.stderr
 
 
-def test_stadi_run_refuses_a_family_it_cannot_run(tmp_path: Path) -> None:
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"spec": {"model": {"family": "flux", "source": "random://tiny"},
-                                             "prompts": ["a fox"], "output": {"uri": (tmp_path / "out").as_uri()}}}))
-    proc = _stadi("run", str(path), "--device", "cpu", timeout=120)
-    assert proc.returncode == 1
-    assert "spec.model.family: 'flux' can be planned (stadi plan) but this release's worker does not run it" \
-        in proc.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stadi_run_generates_with_the_tiny_flux_example(tmp_path: Path, stadi_cache: str) -> None:
+    """FLUX.1 end to end on the CPU: the tiny example on 2 Gloo ranks, elastic bands and strides (one rank paced
+    2x slower), two PNGs and the manifest."""
+    out = tmp_path / "out"
+    proc = _stadi("run", str(REPO / "manifests" / "examples" / "tiny-flux.yaml"), "--ranks", "2", "--device", "cpu",
+                  "--strategy", "stadi", "--slowdown", "1=2", "--output", str(out), env={"STADI_CACHE": stadi_cache})
+    assert proc.returncode == 0, proc.stderr
+    _check_pngs({p.name: p.read_bytes() for p in out.glob("*.png")})
+    manifest = Manifest.from_json((out / "manifest.json").read_bytes())
+    assert [i.seed for i in manifest.images] == [0, 1] and manifest.plan.initial.strategy == "stadi"
+    assert manifest.plan.initial.family == "flux" and not manifest.plan.initial.guidance
+    assert len(manifest.ranks) == 2
 
 
 def test_open_store_for_run_output_is_checked_first(s3_endpoint: str, s3_env: dict[str, str]) -> None:

@@ -4,7 +4,8 @@ The loop speaks to the model only through its family's ``ModelOps``: prompts bec
 ``encode`` (with gradients into the text encoders; every caption once per step) and the denoiser runs by calling
 the ops, exactly as the engine will at inference. A dropped caption trains the unconditional branch as the
 pipeline builds it (SDXL: zeros; SD3: the empty prompt's encoding), so classifier-free guidance steers against
-what was learned. The latents come from a bank of augmented images encoded once.
+what was learned; a guidance-distilled family (Flux) drops none, and sees the job's guidance scale as its input.
+The latents come from a bank of augmented images encoded once.
 
 The target follows the family's training: epsilon of the DDPM noise schedule in the pipeline's scheduler config
 for the UNet families (weighted by min-SNR, gamma 5), the flow-matching velocity (noise minus image, at a
@@ -96,11 +97,17 @@ def train_denoiser(ops: ModelOps, batches: Batches, steps: int, batch: int, lr: 
             break
         picks = torch.randint(len(means), (batch,), generator=gen).to(device)
         latents = means[picks] + stds[picks] * torch.randn(batch, *means.shape[1:], generator=gen).to(device)
-        # every caption once, plus the unconditional inputs at index len(CAPTIONS) for the dropped ones
-        rows = torch.where(torch.rand(batch, generator=gen).to(device) < drop, len(CAPTIONS), caption_of[picks])
+        # every caption once, plus the unconditional inputs at index len(CAPTIONS) for the dropped ones (a
+        # guidance-distilled family has no unconditional branch: nothing is dropped)
+        dropped = torch.rand(batch, generator=gen).to(device) < drop
         with autocast(device):
             branches = ops.encode(spec, list(CAPTIONS), guidance=True)
-            cond = {k: torch.cat([v, branches["uncond"][k][:1]])[rows] for k, v in branches["cond"].items()}
+            uncond = branches.get("uncond")
+            if uncond is None:
+                cond = {k: v[caption_of[picks]] for k, v in branches["cond"].items()}
+            else:
+                rows = torch.where(dropped, len(CAPTIONS), caption_of[picks])
+                cond = {k: torch.cat([v, uncond[k][:1]])[rows] for k, v in branches["cond"].items()}
             noisy, t, target, weight = _noised(ops, latents, gen)
             pred = ops(noisy, t, cond).float()
         loss = (weight * (pred - target).square().mean(dim=(1, 2, 3))).mean()

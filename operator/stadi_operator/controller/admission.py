@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from stadi.api import API_VERSION, DiffusionJob, load_job
-from stadi.families import not_runnable
 from stadi_operator.controller.runtime import Job
 from stadi_operator.controller.status import stamp
 
@@ -16,19 +15,16 @@ from stadi_operator.controller.status import stamp
 def validate(body: Mapping[str, Any]) -> tuple[DiffusionJob | None, str]:
     """The job parsed by the pydantic model, or None and one line naming every bad field.
 
-    Only the name and the spec are checked: the status is the operator's and the workers' own record. The one
-    rule beyond the model is what this release's worker can run (a family may be planned but not run yet).
+    Only the name and the spec are checked: the status is the operator's and the workers' own record.
     """
     meta = body.get("metadata") or {}
     document = {"apiVersion": API_VERSION, "kind": "DiffusionJob",
                 "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
                 "spec": copy.deepcopy(dict(body.get("spec") or {}))}
     try:
-        job = load_job(document)
+        return load_job(document), ""
     except ValueError as error:
         return None, str(error).removeprefix("invalid DiffusionJob: ")
-    why = not_runnable(job.spec.model.family)
-    return (None, why) if why else (job, "")
 
 
 def reject(job: Job, message: str) -> None:

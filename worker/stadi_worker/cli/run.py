@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from stadi.api import DiffusionJob
-from stadi.families import not_runnable
 from stadi.planner import LINKS, Device, plan_job
 from stadi_worker.cli.emulate import parse_slowdown
 from stadi_worker.cli.inputs import WorkerError, apply_output_overrides, one_line, read_job
@@ -171,9 +170,6 @@ def run_command(args: argparse.Namespace) -> int:
     """``stadi run``."""
     try:
         job = read_job(args.job)
-        why = not_runnable(job.spec.model.family)
-        if why:
-            raise WorkerError(why)
         if job.metadata.name is None:
             job.metadata.name = _name_from(Path(args.job))
         job = apply_output_overrides(job, args.output, args.endpoint)

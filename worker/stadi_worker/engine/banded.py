@@ -25,9 +25,8 @@ from stadi_worker.engine.bands import Workspace
 from stadi_worker.engine.replan import replan_together
 from stadi_worker.engine.result import GenerationResult
 from stadi_worker.engine.runtime import DistContext
-from stadi_worker.engine.sampling import BandSampler, Pace, StepTimer, initial_noise, is_boundary, subgrid
+from stadi_worker.engine.sampling import Pace, StepTimer, initial_noise, is_boundary, job_sampler, subgrid
 from stadi_worker.models import ops_for
-from stadi_worker.models.schedulers import make_scheduler
 
 # The plans a re-plan of this engine may switch to mid-image: those it runs itself (single by leaving ranks idle).
 # cfg-stride and hybrid run in their own engines, from an image's start.
@@ -44,7 +43,7 @@ def generate_banded(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistCont
     with torch.no_grad():
         branches = ops.encode(spec, prompt, guidance)
     steps = spec.steps
-    sampler = BandSampler(make_scheduler(ops, spec.scheduler), steps, ops.device)
+    sampler = job_sampler(ops, spec)
     full = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma)
     timer = StepTimer(ops.device)
     bands = workspace.bands(ops, spec, plan, ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +185,14 @@ class Workspace:
     graphs: StepGraphs | None = None
     _bands: dict[Hashable, Bands] = field(default_factory=dict)
     _compiled: dict[tuple[int, bool], Any] = field(default_factory=dict)
+    _kept: dict[Hashable, Any] = field(default_factory=dict)
+
+    def keep(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """What a strategy keeps across images under ``key`` (its band wrappers and buffers), built on first use
+        (collectively where ``build`` is: every rank asks for the same keys in the same order)."""
+        if key not in self._kept:
+            self._kept[key] = build()
+        return self._kept[key]
 
     def compiles(self, spec: DiffusionJobSpec) -> bool:
         """Whether the steps of ``spec`` run compiled here (the job's ask, or the options' override)."""
@@ -214,6 +222,7 @@ class Workspace:
             self.graphs.close()
         self._bands.clear()
         self._compiled.clear()
+        self._kept.clear()
 
     def bands(self, ops: ModelOps, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext) -> Bands:
         """The share of this rank under ``plan``, built on first use (collectively: every rank asks for the

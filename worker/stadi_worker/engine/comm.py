@@ -185,6 +185,9 @@ class CommManager:
     layout: BandLayout
     group: Any = None  # a ProcessGroup, or None for the default (world) group
     local_steps: bool = False  # this rank takes steps inside windows (a stride below the period): keep ``ahead``
+    # window starts read ``ahead`` too: the last two exchanges extrapolated to the start (cfg-stride+band's bands,
+    # each evaluated once per window, on context a whole window old)
+    extrapolate_starts: bool = False
     sync: bool = True
     local: bool = False  # inside a window: no collective, the extrapolated context
     slots: dict[int, _Slot | None] = field(default_factory=dict)
@@ -228,6 +231,8 @@ class CommManager:
                 self._extrapolate(None)
             return
         self.settle(target=None if sync else index)
+        if self.extrapolate_starts and not sync and not self._ahead:
+            self._extrapolate(None)  # no exchange arrived since the last synchronous step: its context as is
         if sync:
             self._read_at = index
         self._start_at = index
@@ -312,7 +317,7 @@ class CommManager:
         device = slots[0].send.device
         send = torch.zeros(total, dtype=torch.uint8, device=device)
         read = torch.zeros(self.size, total, dtype=torch.uint8, device=device)
-        ahead = torch.zeros_like(read) if self.local_steps else None
+        ahead = torch.zeros_like(read) if self.local_steps or self.extrapolate_starts else None
         for slot, offset in zip(slots, offsets, strict=True):
             rows = [_view(read[i], offset, slot.send) for i in range(self.size)]
             for new, old in zip(rows, slot.rows, strict=True):
@@ -356,7 +361,7 @@ class CommManager:
             slot.send.narrow(dim, 0, local.shape[dim]).copy_(local)
         if self.sync:
             self._gather_layer(slot)
-        parts = slot.parts(self.local)
+        parts = slot.parts(self.local or (self.extrapolate_starts and not self.sync))
         parts[self.layout.index] = local
         return parts
 

@@ -1,9 +1,10 @@
 """The public entry of the engine: generate one image under a plan on the ranks of a process group.
 
 It checks the plan, then hands the image to the strategy that runs it: ``serial`` on a single rank,
-``hybrid`` for strategy hybrid, ``branch_stride`` for strategy cfg-stride, ``banded`` for every plan that splits
-the latent into bands (with or without the condition split). Nothing here reads the environment: the caller
-passes the engine's options (in the ``Workspace``) and, for tests and benchmarks only, ``pace``.
+``hybrid`` for strategy hybrid, ``branch_stride`` for strategies cfg-stride and cfg-stride+band, ``banded`` for
+every plan that splits the latent into bands (with or without the condition split). Nothing here reads the
+environment: the caller passes the engine's options (in the ``Workspace``) and, for tests and benchmarks only,
+``pace``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from stadi.api import DiffusionJobSpec, Plan
+from stadi.api import BRANCH_STRIDES, DiffusionJobSpec, Plan
 from stadi_worker.engine.banded import generate_banded
 from stadi_worker.engine.bands import Workspace
 from stadi_worker.engine.branch_stride import generate_branch_stride
@@ -49,7 +50,7 @@ def generate(pipe: Any, spec: DiffusionJobSpec, plan: Plan, ctx: DistContext, pr
         return generate_hybrid(pipe, spec, plan, ctx, prompt, seed, exact=exact, on_step=on_step,
                                replan_after_warmup=replan_after_warmup, on_replan=on_replan, pace=pace,
                                decode=decode, workspace=workspace)
-    if plan.strategy == "cfg-stride":
+    if plan.strategy in BRANCH_STRIDES:
         return generate_branch_stride(pipe, spec, plan, ctx, prompt, seed, exact=exact, on_step=on_step,
                                       replan_after_warmup=replan_after_warmup, on_replan=on_replan, pace=pace,
                                       decode=decode, workspace=workspace)

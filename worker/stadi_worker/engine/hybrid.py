@@ -34,10 +34,9 @@ from stadi_worker.engine.bands import Workspace
 from stadi_worker.engine.replan import replan_together
 from stadi_worker.engine.result import GenerationResult
 from stadi_worker.engine.runtime import DistContext
-from stadi_worker.engine.sampling import BandSampler, Pace, StepTimer, initial_noise
+from stadi_worker.engine.sampling import Pace, StepTimer, initial_noise, job_sampler
 from stadi_worker.models import ops_for
 from stadi_worker.models.base import StageSplit, batch_branches
-from stadi_worker.models.schedulers import make_scheduler
 
 
 @dataclass
@@ -148,8 +147,7 @@ class _Runner:
             branches = self.ops.encode(spec, prompt, True)
         self.single = {b: batch_branches(branches, [b]) for b in ("uncond", "cond")}
         self.both = batch_branches(branches, ["uncond", "cond"])
-        self.sampler = BandSampler(make_scheduler(self.ops, spec.scheduler), spec.steps,
-                                   self.ops.device)
+        self.sampler = job_sampler(self.ops, spec)
         self.timer = StepTimer(self.ops.device)
         assert plan.hybrid is not None
         self.switch = Switch(plan.hybrid, spec.steps, disabled=exact)

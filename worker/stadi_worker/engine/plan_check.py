@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stadi.api import DiffusionJobSpec, Plan
+from stadi.api import BRANCH_STRIDES, DiffusionJobSpec, Plan
 from stadi.families import profile
 from stadi_worker.engine.runtime import DistContext
 
@@ -44,7 +44,7 @@ def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
         raise ValueError(f"plan warmup {plan.warmup_steps} exceeds the {spec.steps} steps")
     active = plan.active
     branches = {r.branch for r in active}
-    if plan.strategy == "cfg-stride":
+    if plan.strategy in BRANCH_STRIDES:
         _check_branch_stride(plan)
     elif any(r.stride != 1 for r in active) and branches != {"both"}:
         # a condition split swaps predictions at every step: every rank must take every step
@@ -60,11 +60,13 @@ def _check(plan: Plan, spec: DiffusionJobSpec, ctx: DistContext) -> None:
 
 
 def _check_branch_stride(plan: Plan) -> None:
-    """Strategy cfg-stride: two ranks, one per branch over the whole frame, the cond rank at stride 1."""
+    """Branch strides (cfg-stride, cfg-stride+band): two ranks, one per branch, the cond rank over the whole
+    frame at stride 1 (``Plan.validate_for`` has checked that the uncond branch's bands tile the frame)."""
     ranks = plan.ranks
+    name = plan.strategy
     if len(ranks) != 2 or any(r.idle for r in ranks) or {r.branch for r in ranks} != {"cond", "uncond"}:
-        raise ValueError("strategy cfg-stride needs 2 ranks, none idle, one per branch cond and uncond")
+        raise ValueError(f"strategy {name} needs 2 ranks, none idle, one per branch cond and uncond")
     cond = next(r for r in ranks if r.branch == "cond")
-    if cond.stride != 1:
-        raise ValueError(f"strategy cfg-stride steps the latent on the cond rank: its stride must be 1, not "
-                         f"{cond.stride}")
+    if cond.stride != 1 or cond.rows != (0, plan.latent_height):
+        raise ValueError(f"strategy {name} steps the whole latent on the cond rank: its stride must be 1 and its "
+                         f"rows [0, {plan.latent_height}), not stride {cond.stride} and rows {list(cond.rows)}")

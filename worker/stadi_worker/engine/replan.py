@@ -120,12 +120,13 @@ class Agreed:
 
 
 def replan_together(ctx: DistContext, spec: DiffusionJobSpec, plan: Plan, compute_ms: float, *,
-                    compiled_steps: bool = False, **replan_args: Any) -> Agreed:
+                    compiled_steps: bool = False, measured_on: Plan | None = None, **replan_args: Any) -> Agreed:
     """Collective: every rank's compute time per step (``compute_ms``, of a step that ``compiled_steps`` or
-    not) -> speeds; rank 0 re-plans (``replan`` with ``replan_args``) and every rank adopts its answer."""
+    not, of its share under ``measured_on``, by default ``plan``) -> speeds; rank 0 re-plans (``replan`` with
+    ``replan_args``) and every rank adopts its answer."""
     times: list[float] = [0.0] * ctx.world_size
     dist.all_gather_object(times, compute_ms)
-    speeds = measured_speeds(plan, times, spec.uses_cfg, compiled_steps)
+    speeds = measured_speeds(measured_on or plan, times, spec.uses_cfg, compiled_steps)
     box: list[Any] = [None]
     if ctx.rank == 0:
         new, gain = replan(spec, plan, speeds, **replan_args)

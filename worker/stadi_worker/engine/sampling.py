@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+from stadi.api import DiffusionJobSpec
+from stadi_worker.models.base import ModelOps
+from stadi_worker.models.schedulers import make_scheduler
+
 
 def initial_noise(shape: tuple[int, int, int], seed: int, sigma: float) -> torch.Tensor:
     """The full initial latent (1, C, H, W), fp32, drawn on the CPU: identical on every rank and device."""
@@ -49,9 +53,10 @@ class BandSampler:
     counter is the position in ``grid``.
     """
 
-    def __init__(self, scheduler: Any, steps: int, device: torch.device, grid: Sequence[int] | None = None):
+    def __init__(self, scheduler: Any, steps: int, device: torch.device, grid: Sequence[int] | None = None,
+                 timestep_kwargs: dict[str, Any] | None = None):
         self.scheduler = copy.deepcopy(scheduler)
-        self.scheduler.set_timesteps(steps, device=device)
+        self.scheduler.set_timesteps(steps, device=device, **(timestep_kwargs or {}))
         self.steps = steps
         self.timesteps = self.scheduler.timesteps.clone()  # the base grid, indexed by base index
         sigmas = getattr(self.scheduler, "sigmas", None)
@@ -150,6 +155,12 @@ class BandSampler:
                                                  for v in value):
                 setattr(self.scheduler, name, [fn(v) if isinstance(v, torch.Tensor) and v.shape == like.shape
                                                else v for v in value])
+
+
+def job_sampler(ops: ModelOps, spec: DiffusionJobSpec) -> BandSampler:
+    """The base grid of ``spec``'s sampler for a family's pipeline, with the family's timestep arguments."""
+    return BandSampler(make_scheduler(ops, spec.scheduler), spec.steps, ops.device,
+                       timestep_kwargs=ops.timestep_kwargs(spec))
 
 
 class StepTimer:

@@ -11,10 +11,9 @@ import torch
 from stadi.api import DiffusionJobSpec
 from stadi_worker.engine.bands import Workspace, guide
 from stadi_worker.engine.result import GenerationResult
-from stadi_worker.engine.sampling import BandSampler, StepTimer, denoise_loop, initial_noise
+from stadi_worker.engine.sampling import StepTimer, denoise_loop, initial_noise, job_sampler
 from stadi_worker.models import ops_for
 from stadi_worker.models.base import batch_branches
-from stadi_worker.models.schedulers import make_scheduler
 
 
 def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *,
@@ -30,7 +29,7 @@ def generate_serial(pipe: Any, spec: DiffusionJobSpec, prompt: str, seed: int, *
     with torch.no_grad():
         cond = batch_branches(ops.encode(spec, prompt, guidance), order)
     keys, values = list(cond), list(cond.values())
-    sampler = BandSampler(make_scheduler(ops, spec.scheduler), spec.steps, ops.device)
+    sampler = job_sampler(ops, spec)
     latents = initial_noise(ops.latent_shape(spec), seed, sampler.init_noise_sigma).to(ops.device, ops.dtype)
     timer = StepTimer(ops.device)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from stadi_worker.models.base import ModelOps
+from stadi_worker.models.flux import FluxOps
 from stadi_worker.models.pixart import PixArtOps
 from stadi_worker.models.sd3 import SD3Ops
 from stadi_worker.models.sd15 import SD15Ops
 from stadi_worker.models.sdxl import SDXLOps
 
-FAMILIES: dict[str, type[ModelOps]] = {ops.family: ops for ops in (SDXLOps, SD15Ops, SD3Ops, PixArtOps)}
+FAMILIES: dict[str, type[ModelOps]] = {ops.family: ops for ops in (SDXLOps, SD15Ops, SD3Ops, PixArtOps, FluxOps)}
 
 
 def family_ops(family: str) -> type[ModelOps]:

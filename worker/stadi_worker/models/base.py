@@ -83,6 +83,11 @@ class ModelOps:
         factor = self.pipe.vae_scale_factor
         return self.denoiser.config.in_channels, spec.height // factor, spec.width // factor
 
+    def timestep_kwargs(self, spec: DiffusionJobSpec) -> dict[str, Any]:
+        """Extra arguments of the scheduler's ``set_timesteps`` for ``spec`` (a resolution-dependent shift), as the
+        family's own pipeline passes them."""
+        return {}
+
     def encode(self, spec: DiffusionJobSpec, prompt: str | list[str], guidance: bool) -> Branches:
         """Per branch ("cond", and "uncond" when guidance) the denoiser's keyword inputs, one batch item per
         prompt, as the family's own pipeline builds them ("uncond" is what the pipeline guides against). The caller

@@ -123,14 +123,16 @@ def vae(size: Size, latent_channels: int, scaling: float, shift: float | None) -
 
 
 def t5_encoder(size: Size, vocab_size: int) -> Any:
-    """A T5-v1.1 encoder (see below for why full size has only 2 layers)."""
+    """A T5-v1.1 encoder: a toy one, a small one (trained from scratch with the denoiser), or full size (see
+    below for why it has only 2 layers)."""
     from transformers import T5Config, T5EncoderModel
 
     # T5-v1.1 (gated GELU, untied relative attention); full size has XXL's layer shape (the 4096 wide output
     # PixArt's caption projection expects) but 2 of its 24 layers: text encoding is outside the timed steps,
     # and the whole XXL encoder would be ~19 GB of random fp32 weights to build and store per node.
-    shape = (dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2) if size == "tiny"
-             else dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2))
+    shape = {"tiny": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2),
+             "small": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2)}.get(
+        size, dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2))
     return T5EncoderModel(T5Config(vocab_size=vocab_size, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
                                    tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, **shape))
 

@@ -7,18 +7,27 @@ serves serial and parallel runs (and several plans, each with its own wrappers a
 
 from __future__ import annotations
 
+from typing import Any
+
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed, FluxSingleTransformerBlock
 from torch import nn
 
 from stadi_worker.engine.comm import CommManager
 from stadi_worker.engine.layers.attention import PatchJointAttnProcessor, PatchSelfAttnProcessor
 from stadi_worker.engine.layers.conv import PatchConv2d, needs_halo
 from stadi_worker.engine.layers.embed import PatchBandEmbed
+from stadi_worker.engine.layers.flux import (
+    PatchFluxAttnProcessor,
+    PatchFluxPosEmbed,
+    PatchFluxSingleAttnProcessor,
+    PatchFluxSingleBlock,
+)
 from stadi_worker.engine.layers.norm import PatchGroupNorm
 
-__all__ = ["DenoiserPatch", "PatchBandEmbed", "PatchConv2d", "PatchGroupNorm", "PatchJointAttnProcessor",
-           "PatchSelfAttnProcessor"]
+__all__ = ["DenoiserPatch", "PatchBandEmbed", "PatchConv2d", "PatchFluxAttnProcessor", "PatchFluxPosEmbed",
+           "PatchFluxSingleBlock", "PatchGroupNorm", "PatchJointAttnProcessor", "PatchSelfAttnProcessor"]
 
 
 class DenoiserPatch:
@@ -27,7 +36,7 @@ class DenoiserPatch:
     def __init__(self, model: nn.Module, comm: CommManager):
         self.model = model
         self.swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # parent, name, original, wrapper
-        self.procs: list[tuple[Attention, object, object]] = []  # attention, original, band processor
+        self.procs: list[tuple[Any, object, object]] = []  # attention, original, band processor
         skip: set[int] = set()
         # named_modules walks in registration order, identical on every rank: the comm slots line up
         for name, mod in list(model.named_modules()):
@@ -43,6 +52,15 @@ class DenoiserPatch:
                 new = PatchConv2d(mod, comm)
             elif isinstance(mod, nn.GroupNorm):
                 new = PatchGroupNorm(mod, comm)
+            elif isinstance(mod, FluxPosEmbed):
+                new = PatchFluxPosEmbed(mod, comm.layout)
+            elif isinstance(mod, FluxSingleTransformerBlock):  # its attention's processor needs the text length
+                single = PatchFluxSingleAttnProcessor(comm)
+                self.procs.append((mod.attn, mod.attn.processor, single))
+                new = PatchFluxSingleBlock(mod, single)
+                skip.add(id(mod.attn))
+            elif isinstance(mod, FluxAttention):
+                self.procs.append((mod, mod.processor, PatchFluxAttnProcessor(comm)))
             elif isinstance(mod, Attention) and not mod.is_cross_attention:
                 proc = mod.processor
                 if isinstance(proc, JointAttnProcessor2_0):

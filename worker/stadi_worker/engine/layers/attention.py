@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from stadi_worker.engine.comm import CommManager
 
 
-def _full_kv(comm: CommManager, key: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def full_kv(comm: CommManager, key: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N_band, D) keys and values -> (B, N_full, D), bands in row order."""
     if comm.size == 1:
         return k, v
@@ -51,7 +51,7 @@ class PatchSelfAttnProcessor:
             raise NotImplementedError("attention with its own GroupNorm is not wrapped (VAE only)")
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
-        key, value = _full_kv(self.comm, self.key, attn.to_k(hidden_states), attn.to_v(hidden_states))
+        key, value = full_kv(self.comm, self.key, attn.to_k(hidden_states), attn.to_v(hidden_states))
         query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -81,7 +81,7 @@ class PatchJointAttnProcessor:
             raise NotImplementedError("band joint attention takes no mask")
         batch, n_img = hidden_states.shape[:2]
         query = _heads(attn.to_q(hidden_states), attn.heads)
-        key, value = _full_kv(self.comm, self.key, attn.to_k(hidden_states), attn.to_v(hidden_states))
+        key, value = full_kv(self.comm, self.key, attn.to_k(hidden_states), attn.to_v(hidden_states))
         key, value = _heads(key, attn.heads), _heads(value, attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
