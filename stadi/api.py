@@ -306,6 +306,10 @@ class DiffusionJobSpec(Model):
     output: Output
     template: PodTemplate = Field(default_factory=PodTemplate)
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    suspend: bool = Field(
+        False, description="As on a Job: a suspended job has no worker pods. Suspending a running job stops its pods "
+        "and keeps every image already written; resuming plans again on the GPUs free then and generates only the "
+        "missing images.")
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
 
@@ -572,7 +576,7 @@ class Plan(BaseModel):
 
 # --- status ---------------------------------------------------------------------------------------------
 
-Phase = Literal["Pending", "Planning", "Scheduling", "Running", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Planning", "Scheduling", "Running", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(Model):
@@ -617,6 +621,8 @@ class DiffusionJobStatus(Model):
     start_time: datetime | None = None
     completion_time: datetime | None = None
     attempts: int = 0
+    resumes: int = Field(0, description="Attempts started by a resume (spec.suspend set false): not retries, so "
+                         "backoffLimit does not count them.")
     excluded_nodes: list[str] = Field(default_factory=list)
     gpus: int | None = Field(None, ge=0, description="GPUs computing in the current plan (the operator's, then "
                              "the workers' re-plan, which may leave a slow one idle); a printer column.")

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 
 from stadi.api import DiffusionJobSpec, Plan, RankPlan
-from stadi.families import profile
+from stadi.families import GUIDANCE_DISTILLED, profile
 
 
 def _spec(family: str, size: str, height: int, steps: int) -> DiffusionJobSpec:
+    """The measured job: guidance 5 (two branches), or FLUX.1-dev's distilled 3.5 (one)."""
     return DiffusionJobSpec.model_validate({
         "model": {"family": family, "source": f"random://{size}", "dtype": "float16", "compile": True},
         "prompts": ["a lighthouse on a cliff at dusk"], "height": height, "width": height, "steps": steps,
-        "guidanceScale": 5.0, "output": {"uri": "file:///tmp/stadi-steps"}})
+        "guidanceScale": 3.5 if family in GUIDANCE_DISTILLED else 5.0, "output": {"uri": "file:///tmp/stadi-steps"}})
 
 
 def _image_s(fn: Any) -> float:
@@ -50,15 +51,16 @@ def by_hand(ops: Any, spec: DiffusionJobSpec, denoiser: Any) -> float:
     from stadi_worker.engine.sampling import initial_noise, job_sampler
     from stadi_worker.models.base import batch_branches
 
+    branches = ["uncond", "cond"] if spec.uses_cfg else ["cond"]
     with torch.no_grad():
-        cond = batch_branches(ops.encode(spec, spec.prompts[0], True), ["uncond", "cond"])
+        cond = batch_branches(ops.encode(spec, spec.prompts[0], spec.uses_cfg), branches)
         sampler = job_sampler(ops, spec)
         x = initial_noise(ops.latent_shape(spec), 0, sampler.init_noise_sigma).to(ops.device, ops.dtype)
         static_x, static_t = x.clone(), sampler.timesteps[0].clone()
 
         def step() -> torch.Tensor:
-            out = ops(torch.cat([static_x] * 2), static_t, cond, denoiser=denoiser)
-            return guide(*out.chunk(2), spec.guidance_scale)
+            out = ops(torch.cat([static_x] * len(branches)), static_t, cond, denoiser=denoiser)
+            return guide(*out.chunk(2), spec.guidance_scale) if spec.uses_cfg else out
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -82,13 +84,13 @@ def by_hand(ops: Any, spec: DiffusionJobSpec, denoiser: Any) -> float:
         return statistics.median(_image_s(image) for _ in range(3))
 
 
-def band_plan(family: str, latent: int, rows: int) -> Plan:
+def band_plan(family: str, latent: int, rows: int, guidance: bool = True) -> Plan:
     """Two bands: ours [0, rows) and the rest; the planner's granularity."""
     fam = profile(family)
     ranks = [RankPlan(rank=0, gpu="H200", speed=1.0, rows=(0, rows)),
              RankPlan(rank=1, gpu="H200", speed=1.0, rows=(rows, latent))]
     return Plan(strategy="patch", family=family, latent_height=latent, latent_width=latent,
-                granularity=fam.granularity, steps=50, guidance=True, ranks=ranks, predicted_seconds=1.0)
+                granularity=fam.granularity, steps=50, guidance=guidance, ranks=ranks, predicted_seconds=1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         latent = args.height // profile(args.family).vae_factor
         bands: list[dict[str, Any]] = []
         report["bands"] = bands
-        for batch in (int(b) for b in args.batches.split(",")):
+        # a guidance-distilled family has one branch: batch 1 only
+        for batch in (int(b) for b in args.batches.split(",") if spec.uses_cfg or b.strip() == "1"):
             # one workspace per kind and batch, as a job keeps one: a compile serves every later band height
             spaces = {"graphed": Workspace(EngineOptions(compile="0")),
                       "compiled": Workspace(EngineOptions(compile="1"))}
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry: dict[str, Any] = {"batch": batch, "rows": rows}
                 for key, ws in spaces.items():
                     start = time.perf_counter()
-                    ms = band_step_ms(ops, spec, band_plan(args.family, latent, rows), ws, batch, args.repeats)
+                    ms = band_step_ms(ops, spec, band_plan(args.family, latent, rows, spec.uses_cfg), ws, batch,
+                                      args.repeats)
                     entry[f"{key}_ms"] = {phase: round(v, 3) for phase, v in ms.items()}
                     entry[f"{key}_setup_s"] = round(time.perf_counter() - start, 2)
                 bands.append(entry)

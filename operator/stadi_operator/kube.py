@@ -77,6 +77,7 @@ RESOURCES: dict[str, Builtin | Custom] = {
     "Event": Builtin(k8s.CoreV1Api, "event"),
     "Role": Builtin(k8s.RbacAuthorizationV1Api, "role"),
     "RoleBinding": Builtin(k8s.RbacAuthorizationV1Api, "role_binding"),
+    "ResourceClaimTemplate": Builtin(k8s.ResourceV1Api, "resource_claim_template"),
     "PodGroup": Custom("scheduling.volcano.sh", "v1beta1", "podgroups"),
     "DiffusionJob": Custom(GROUP, VERSION, "diffusionjobs"),
 }

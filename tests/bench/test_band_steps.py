@@ -17,8 +17,8 @@ def _spec(family: str) -> DiffusionJobSpec:
         "output": {"uri": "file:///tmp/stadi-test-out"}})
 
 
-@pytest.mark.parametrize(("family", "rows"), [("sdxl", (8,)), ("sd3", (6, 10))])
-def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...], tiny_dir,
+@pytest.mark.parametrize(("family", "rows", "batch"), [("sdxl", (8,), 2), ("sd3", (6, 10), 2), ("flux", (6, 10), 1)])
+def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...], batch: int, tiny_dir,
                                               model_cache) -> None:
     """The compiled share (dynamic shapes) predicts what the eager share does in a synchronous step, a window start
     and a local step; dynamo really traced the band step, and a second band height (a re-plan's) compiled
@@ -37,11 +37,11 @@ def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...]
     counters = torch._dynamo.utils.counters
     traced = []
     for height in rows:
-        plan = band_plan(family, 16, height)
+        plan = band_plan(family, 16, height, guidance=batch == 2)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, options in (("eager", EngineOptions(compile="0")), ("compiled", EngineOptions(compile="aot_eager"))):
             ws = Workspace(options)
-            with band_share(ops, spec, plan, ws, batch=2) as step:
+            with band_share(ops, spec, plan, ws, batch=batch) as step:
                 out[name] = {phase: step(phase) for phase in ("sync", "exchange", "local")}
             if name == "compiled":
                 [module] = ws._compiled.values()

@@ -3,7 +3,8 @@ the operator (a local process with the chart's RBAC), their pods bound by kube-s
 
 Each job: pods on nodes of the planned GPU products with the planned GPU counts and env; ``kubectl get dj``
 shows Phase, Model, GPUs, Strategy, Progress and Predicted; Running → Succeeded on kwok's fake results. Then: a plan
-across two GPU products, a failed pod re-planned without its node, and deletion collecting every child.
+across two GPU products, a failed pod re-planned without its node, a job suspended and resumed, GPUs published
+through DRA planned and claimed, and deletion collecting every child.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from stadi_operator.devcluster import nodes as fake_nodes
 from stadi_operator.devcluster.cluster import DevCluster
 from test_chart import JOBS_NS, WORKER_IMAGE, Stadi, stadi_fixture  # noqa: F401  (the session fixture "stadi")
 
@@ -299,6 +301,115 @@ def test_failed_pod_replans_without_its_node(stadi: Stadi, cleanup: list[str]) -
     finish_pods(stadi, second)
     wait_phase(stadi, "replan", "Succeeded")
     delete_job(stadi, "replan")
+
+
+def test_suspend_stops_the_pods_and_resume_plans_a_new_attempt(stadi: Stadi, cleanup: list[str]) -> None:
+    """spec.suspend on a running job (kubectl patch, as a user or Kueue would): its pods are deleted and the phase
+    and condition say why; set false, the job is planned again and runs a new attempt to success."""
+    manifest = yaml.safe_load((ROOT / "manifests" / "examples" / "sdxl-patch.yaml").read_text())
+    manifest["metadata"]["name"] = "pause"
+    cleanup.append("pause")
+    stadi.cluster.apply(manifest, "-n", JOBS_NS)
+    wait_phase(stadi, "pause", "Running")
+    check_pods_follow_plan(stadi, "pause", 1)
+
+    def suspend(value: bool) -> None:
+        stadi.kubectl("patch", "diffusionjob", "pause", "-n", JOBS_NS, "--type", "merge", "-p",
+                      json.dumps({"spec": {"suspend": value}}))
+
+    suspend(True)
+    wait_phase(stadi, "pause", "Suspended")
+    stadi.cluster.wait_for(lambda: not pods(stadi, "pause"), WAIT, "the suspended job's pods deleted")
+    st = status(stadi, "pause")
+    suspended = {c["type"]: c for c in st["conditions"]}["Suspended"]
+    assert suspended["status"] == "True" and "worker pod(s) stopped" in suspended["message"]
+    assert printer_row(stadi, "pause")["PHASE"] == "Suspended"
+
+    suspend(False)
+    stadi.cluster.wait_for(lambda: status(stadi, "pause").get("attempts") == 2, WAIT, "attempt 2 planned")
+    wait_phase(stadi, "pause", "Running")
+    st = status(stadi, "pause")
+    assert st["resumes"] == 1 and {c["type"]: c for c in st["conditions"]}["Suspended"]["status"] == "False"
+    finish_pods(stadi, check_pods_follow_plan(stadi, "pause", 2))
+    wait_phase(stadi, "pause", "Succeeded")
+    reasons = stadi.kubectl("get", "events", "-n", JOBS_NS, "--field-selector",
+                            "involvedObject.name=pause,involvedObject.kind=DiffusionJob",
+                            "-o", "jsonpath={.items[*].reason}").stdout.split()
+    assert {"Suspended", "Resumed", "Succeeded"} <= set(reasons)
+    delete_job(stadi, "pause")
+
+
+# Two nodes whose GPUs only DRA publishes (no device plugin, no GFD labels), tainted so that no other test's job
+# lands there; the DRA jobs tolerate the taint and select the label.
+DRA_LABEL = ("stadi.dev/e2e-dra", "true")
+DRA_NODES = [fake_nodes.GPUNodeSpec(name, "NVIDIA H200", gpus, 143771, dra=True, labels=(DRA_LABEL,),
+                                    taints=((*DRA_LABEL, "NoSchedule"),))
+             for name, gpus in (("dra-h200-0", 2), ("dra-h200-1", 1))]
+
+
+@pytest.fixture
+def dra_fleet(stadi: Stadi) -> Iterator[list[str]]:
+    """The DeviceClass, the DRA nodes and their ResourceSlices (as NVIDIA's driver would publish them)."""
+    stadi.cluster.apply(fake_nodes.dra_objects(DRA_NODES))
+    names = [n.name for n in DRA_NODES]
+    stadi.cluster.wait_for(lambda: all(
+        any(c["type"] == "Ready" and c["status"] == "True"
+            for c in stadi.cluster.kubectl_json("get", "node", n)["status"].get("conditions", []))
+        for n in names), WAIT, "DRA nodes Ready")
+    yield names
+    stadi.kubectl("delete", "resourceslices", *[f"{n}-{fake_nodes.DRA_DRIVER}" for n in names],
+                  "--ignore-not-found", "--wait=false", check=False)
+    stadi.kubectl("delete", "nodes", *names, "--ignore-not-found", "--wait=false", check=False)
+
+
+def dra_job(name: str, gpus: int) -> dict[str, Any]:
+    manifest = yaml.safe_load((ROOT / "manifests" / "examples" / "sdxl-patch.yaml").read_text())
+    manifest["metadata"]["name"] = name
+    spec = manifest["spec"]
+    spec["parallelism"] = {**spec.get("parallelism", {}), "gpus": {"min": gpus, "max": gpus}}
+    spec["template"] = {"nodeSelector": dict([DRA_LABEL]),
+                        "tolerations": [{"key": DRA_LABEL[0], "operator": "Exists", "effect": "NoSchedule"}]}
+    return manifest
+
+
+def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fleet: list[str],
+                                                              cleanup: list[str]) -> None:
+    """Three H200s that only ResourceSlices publish: the job is planned on them, each pod names a claim template of
+    exactly its planned devices, the real scheduler allocates those devices and binds the pods; a second job
+    asking for more GPUs than are published (and free) waits with Planned=False saying why, and no pod."""
+    cleanup += ["dra", "dra-more"]
+    stadi.cluster.apply(dra_job("dra", 3), "-n", JOBS_NS)
+    wait_phase(stadi, "dra", "Running")
+    st = status(stadi, "dra")
+    planned = {(r["node"], r["gpu_index"]) for r in st["plan"]["ranks"]}
+    assert planned == {("dra-h200-0", 0), ("dra-h200-0", 1), ("dra-h200-1", 0)}
+    assert {r["gpu"] for r in st["plan"]["ranks"]} == {"NVIDIA H200"}
+    found = pods(stadi, "dra", 1)
+    claims = {c["metadata"]["name"]: c for c in
+              stadi.cluster.kubectl_json("get", "resourceclaims", "-n", JOBS_NS)["items"]}
+    for pod in found:
+        node = pod["spec"]["nodeName"]
+        assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"].get("limits", {})
+        [ref] = pod["status"]["resourceClaimStatuses"]
+        results = claims[ref["resourceClaimName"]]["status"]["allocation"]["devices"]["results"]
+        assert {(r["driver"], r["pool"], r["device"]) for r in results} == {
+            (fake_nodes.DRA_DRIVER, node, f"gpu-{i}") for n, i in planned if n == node}
+
+    stadi.cluster.apply(dra_job("dra-more", 2), "-n", JOBS_NS)
+
+    def waiting() -> bool:
+        conditions = {c["type"]: c for c in status(stadi, "dra-more").get("conditions", [])}
+        return conditions.get("Planned", {}).get("status") == "False"
+
+    stadi.cluster.wait_for(waiting, WAIT, "dra-more waiting for GPUs")
+    more = status(stadi, "dra-more")
+    message = {c["type"]: c for c in more["conditions"]}["Planned"]["message"]
+    assert more["phase"] == "Planning" and "no plan for attempt 1" in message, message
+    assert pods(stadi, "dra-more") == []
+    finish_pods(stadi, found)
+    wait_phase(stadi, "dra", "Succeeded")
+    delete_job(stadi, "dra")
+    delete_job(stadi, "dra-more")
 
 
 CHILD_KINDS = ("pods,configmaps,services,serviceaccounts,"

@@ -42,6 +42,9 @@ OPERATOR_MATRIX: list[Check] = [
     ("list", "nodes", None, "", True),
     ("watch", "nodes", None, "", True),
     ("watch", "gpunodes.stadi.dev", None, "", True),
+    ("watch", "resourceslices.resource.k8s.io", None, "", True),
+    ("list", "resourceclaims.resource.k8s.io", None, "", True),
+    ("create", "resourceclaimtemplates.resource.k8s.io", JOBS_NS, "", True),
     # kopf's own observation of CRDs and (serving a namespace list) namespaces
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, "", True),
     ("list", "namespaces", None, "", True),
@@ -76,6 +79,9 @@ OPERATOR_MATRIX: list[Check] = [
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", None, "", False),
     ("delete", "namespaces", None, "", False),
     ("create", "podgroups.scheduling.volcano.sh", JOBS_NS, "", False),  # volcano=off in this release
+    ("create", "resourceclaims.resource.k8s.io", JOBS_NS, "", False),  # the resourceclaim controller does
+    ("create", "resourceslices.resource.k8s.io", None, "", False),
+    ("create", "resourceclaimtemplates.resource.k8s.io", OTHER_NS, "", False),
 ]
 
 AGENT_MATRIX: list[Check] = [

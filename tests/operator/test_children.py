@@ -151,7 +151,8 @@ def test_operator_image_applies_only_when_the_job_sets_none() -> None:
         "registry.local/worker:1"
     spec = make_spec()
     spec.template.image = "mine:2"
-    pod = ch.worker_pods(OWNER, spec, make_plan(), 1, ch.WorkerOptions(image="registry.local/worker:1"))[0]
+    made = ch.children(OWNER, spec, make_plan(), 1, ch.WorkerOptions(image="registry.local/worker:1"))
+    pod = next(c for c in made if c["kind"] == "Pod")
     assert pod["spec"]["containers"][0]["image"] == "mine:2"
 
 
@@ -194,3 +195,26 @@ def test_a_bad_workers_cache_is_refused_by_name(fields: dict, message: str) -> N
 
     with pytest.raises(ValidationError, match=message):
         OperatorSettings(**fields)
+
+
+def test_pods_on_dra_nodes_claim_exactly_their_planned_gpus() -> None:
+    """gpu-b publishes its GPUs through DRA: its pod asks no extended resource but names a claim template that
+    requests exactly its two planned devices (by index) of the operator's DeviceClass; gpu-a keeps the device
+    plugin's resource. Templates come before the pods that name them."""
+    made = ch.children(OWNER, make_spec(), make_plan(), 2, ch.WorkerOptions(dra_device_class="gpu.example.com"),
+                       dra_nodes=frozenset({"gpu-b"}))
+    kinds = [c["kind"] for c in made]
+    assert kinds.index("ResourceClaimTemplate") < kinds.index("Pod")
+    [template] = [c for c in made if c["kind"] == "ResourceClaimTemplate"]
+    a, b = (c for c in made if c["kind"] == "Pod")
+    assert template["metadata"]["name"] == "cats-a2-1-gpus" and template["metadata"]["ownerReferences"] == [REF]
+    [request] = template["spec"]["spec"]["devices"]["requests"]
+    assert request == {"name": "gpus", "exactly": {
+        "deviceClassName": "gpu.example.com", "allocationMode": "ExactCount", "count": 2,
+        "selectors": [{"cel": {"expression": 'device.attributes["gpu.nvidia.com"].index in [0, 1]'}}]}}
+    assert b["spec"]["resourceClaims"] == [{"name": "gpus", "resourceClaimTemplateName": "cats-a2-1-gpus"}]
+    resources = b["spec"]["containers"][0]["resources"]
+    assert resources["claims"] == [{"name": "gpus"}] and "nvidia.com/gpu" not in resources["limits"]
+    assert b["metadata"]["annotations"]["stadi.dev/gpu-indices"] == "0,1"
+    assert a["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "resourceClaims" not in a["spec"] and "stadi.dev/gpu-indices" not in a["metadata"]["annotations"]

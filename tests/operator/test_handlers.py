@@ -20,8 +20,9 @@ import pytest
 from stadi_operator.controller import handlers
 from stadi_operator.controller.adoption import ensure
 from stadi_operator.controller.gpu_book import GpuBook
-from stadi_operator.controller.inventory import PodUsage, node_info, pod_usage
+from stadi_operator.controller.inventory import PodUsage, node_info, pod_usage, slice_gpus
 from stadi_operator.controller.runtime import Runtime
+from stadi_operator.devcluster.nodes import GPUNodeSpec
 from stadi_operator.kube import Kube
 from stadi_operator.settings import OperatorSettings
 
@@ -31,7 +32,8 @@ T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 pytestmark = pytest.mark.asyncio
 
 RESOURCES = ("v1/pods", "v1/configmaps", "v1/services", "v1/serviceaccounts", "v1/events",
-             "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings", JOB)
+             "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings",
+             "resource.k8s.io/v1/resourceclaimtemplates", JOB)
 
 
 def gpu_node(name: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3") -> dict[str, Any]:
@@ -52,6 +54,7 @@ class Cluster:
         self.runtime = Runtime(self.settings, Kube.for_host(str(server.url).rstrip("/"), timeout=10),
                                clock=lambda: self.now)
         self.nodes = [gpu_node("gpu-a", 1), gpu_node("gpu-b", 2)]
+        self.slices: list[dict[str, Any]] = []  # DRA ResourceSlices (GPUNodeSpec.resource_slice)
         self.foreign_pods: list[dict[str, Any]] = []
         for resource in RESOURCES:
             server.resources[resource] = kmocklib.ResourceInfo(namespaced=True)
@@ -115,8 +118,11 @@ class Cluster:
             found = pod_usage(body)
             if found:
                 pods.setdefault(found[0], []).append(found[1])
+        slices: dict[str, list[Any]] = {}
+        for found in filter(None, map(slice_gpus, self.slices)):
+            slices.setdefault(found[0], []).append(found[1])
         return {"stadi_nodes": {n["metadata"]["name"]: [node_info(n)] for n in self.nodes},
-                "stadi_gpu_pods": pods, "stadi_telemetry": {}}
+                "stadi_gpu_pods": pods, "stadi_telemetry": {}, "stadi_gpu_slices": slices}
 
     async def call(self, handler: Callable[..., None], name: str = "cats", *, apply: bool = True) -> kopf.Patch:
         """Run a handler as kopf would (sync handlers in a thread) and apply its patch to the object."""
@@ -528,7 +534,8 @@ async def test_registration_wires_every_handler() -> None:
     timers = list(registry._spawning.get_all_handlers())
     assert [(t.id, t.interval) for t in timers] == [("reconcile", 7)]
     assert {h.id for h in registry._indexing.get_all_handlers()} == {"stadi_nodes", "stadi_gpu_pods",
-                                                                     "stadi_telemetry"}
+                                                                     "stadi_telemetry", "stadi_gpu_slices",
+                                                                     "stadi_gpu_claims"}
     # A registry of our own has no login handler unless register() adds one: without it kopf cannot connect.
     logins = list(registry._activities.get_all_handlers())
     assert [h.fn for h in logins if h.activity.value == "authentication"] == [kopf.login_via_client]
@@ -563,3 +570,96 @@ async def test_a_job_that_ended_before_any_launch_saw_its_pods_leaves_no_promise
     await cluster.create("next")
     assert cluster.status("next")["phase"] == "Scheduling", cluster.status("next").get("conditions")
     assert {r["node"] for r in cluster.status("next")["plan"]["ranks"]} == {"gpu-a", "gpu-b"}
+
+
+# --- suspend and resume -----------------------------------------------------------------------------------
+
+
+def _suspend(cluster: Cluster, value: bool, generation: int) -> None:
+    cluster.server.objects[JOB, NS, "cats"].patch({"metadata": {"generation": generation},
+                                                   "spec": {"suspend": value}})
+
+
+async def test_a_job_created_suspended_has_no_pods_until_resumed(cluster: Cluster) -> None:
+    cluster.add_job(suspend=True)
+    await cluster.create()
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Suspended" and cluster.pods() == {}
+    suspended = cluster.condition("Suspended")
+    assert (suspended["status"], suspended["message"]) == (
+        "True", "spec.suspend is true: no worker pods until it is set false")
+    _suspend(cluster, False, 2)
+    await cluster.call(handlers.respec)
+    status = cluster.status()
+    assert status["phase"] == "Scheduling" and status["attempts"] == 1 and status.get("resumes", 0) == 0
+    assert sorted(cluster.pods()) == ["cats-a1-0", "cats-a1-1"]
+    assert cluster.condition("Suspended")["reason"] == "Resumed"
+
+
+async def test_suspending_a_running_job_stops_its_pods_and_resuming_plans_a_new_attempt(cluster: Cluster) -> None:
+    """Suspend while Running: the pods go, the phase says why, an event is posted; resume: the GPUs free now are
+    planned again (here one node is gone) and a new attempt starts, which backoffLimit does not count."""
+    cluster.add_job(backoffLimit=1)
+    await cluster.create()
+    for name in cluster.pods():
+        cluster.set_pod(name, "Running")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Running"
+
+    _suspend(cluster, True, 2)
+    await cluster.call(handlers.respec)
+    assert cluster.status()["phase"] == "Suspended" and cluster.pods() == {}
+    assert "2 worker pod(s) stopped; the images written so far are kept" in cluster.condition("Suspended")["message"]
+    assert "Suspended" in cluster.reasons()
+    await cluster.call(handlers.reconcile)  # the timer leaves a suspended job alone
+    assert cluster.status()["phase"] == "Suspended" and cluster.pods() == {}
+
+    cluster.nodes = [gpu_node("gpu-b", 2)]
+    _suspend(cluster, False, 3)
+    await cluster.call(handlers.respec)
+    status = cluster.status()
+    assert (status["phase"], status["attempts"], status["resumes"]) == ("Scheduling", 2, 1)
+    assert {r["node"] for r in status["plan"]["ranks"]} == {"gpu-b"}
+    assert sorted(cluster.pods()) == ["cats-a2-0"]
+    assert "Resumed" in cluster.reasons()
+    # a pod failure of the resumed attempt is the job's first retry (backoffLimit 1): attempt 3, without the node
+    cluster.nodes = [gpu_node("gpu-a", 1), gpu_node("gpu-b", 2)]
+    cluster.set_pod("cats-a2-0", "Failed")
+    await cluster.call(handlers.reconcile)
+    status = cluster.status()
+    assert (status["phase"], status["attempts"], status["excludedNodes"]) == ("Scheduling", 3, ["gpu-b"])
+    cluster.set_pod("cats-a3-0", "Failed")  # the second retry is one too many
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Failed" and cluster.condition("Failed")["reason"] == "BackoffLimitExceeded"
+
+
+async def test_the_timer_suspends_a_job_whose_update_event_was_missed(cluster: Cluster) -> None:
+    cluster.add_job()
+    await cluster.create()
+    _suspend(cluster, True, 2)
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Suspended" and cluster.pods() == {}
+
+
+async def test_a_job_on_gpus_published_through_dra_gets_claim_templates(cluster: Cluster) -> None:
+    """A node whose two H200s only a ResourceSlice publishes: the job is planned there, its pod claims exactly the
+    planned devices through a ResourceClaimTemplate (no extended resource), and a second job finds nothing free
+    there while the first one's pod is planned on them."""
+    dra = GPUNodeSpec("dra-a", "NVIDIA H200", 2, 143771, dra=True)
+    cluster.nodes = [dra.manifest() | {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}]
+    cluster.slices = [dra.resource_slice()]
+    cluster.add_job(parallelism={"gpus": {"min": 2}})
+    await cluster.create()
+    status = cluster.status()
+    assert status["phase"] == "Scheduling"
+    assert {(r["node"], r["gpu_index"], r["gpu"]) for r in status["plan"]["ranks"]} == {
+        ("dra-a", 0, "NVIDIA H200"), ("dra-a", 1, "NVIDIA H200")}
+    [template] = cluster.live("resource.k8s.io/v1/resourceclaimtemplates").values()
+    [pod] = cluster.pods().values()
+    claim = {"name": "gpus", "resourceClaimTemplateName": template["metadata"]["name"]}
+    assert pod["spec"]["resourceClaims"] == [claim]
+    assert pod["metadata"]["annotations"]["stadi.dev/gpu-indices"] == "0,1"
+    cluster.add_job("dogs")
+    await cluster.create("dogs")
+    assert cluster.status("dogs")["phase"] == "Planning"
+    assert cluster.condition("Planned", "dogs")["status"] == "False"

@@ -9,9 +9,11 @@ from stadi_operator.controller.inventory import (
     NodeInfo,
     PodUsage,
     Telemetry,
+    claim_holds,
     free_devices,
     node_info,
     pod_usage,
+    slice_gpus,
     telemetry,
     tolerates,
 )
@@ -72,7 +74,11 @@ def test_node_info_reads_gfd_labels_allocatable_and_readiness() -> None:
         name="gpu-a", product="NVIDIA-H100-80GB-HBM3", memory_mib=81559, allocatable={"nvidia.com/gpu": 4},
         labels=info.labels, taints=(), schedulable=True, ready=True,
     )
-    assert node_info({"metadata": {"name": "cpu-only", "labels": {}}}) is None
+    # every node is known: one without the product label may have GPUs published through DRA
+    bare = node_info({"metadata": {"name": "cpu-only", "labels": {}}})
+    assert (bare.product, bare.allocatable) == ("", {})
+    assert join([{"metadata": {"name": "cpu-only", "labels": {}},
+                  "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]) == []
 
 
 def test_every_free_gpu_becomes_a_device_with_its_node_and_index() -> None:
@@ -176,3 +182,78 @@ def test_a_pending_pod_pinned_to_a_node_holds_its_gpus_there() -> None:
     waiting["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "a"}
     devices = join([node("a", gpus=4), node("b", gpus=1)], [waiting])
     assert [(d.node, d.index) for d in devices] == [("a", 0), ("b", 0)]
+
+
+# --- GPUs published through DRA ----------------------------------------------------------------------------
+
+
+def resource_slice(node_name: str, gpus: int, product: str = "NVIDIA H200", driver: str = "gpu.nvidia.com",
+                   first: int = 0) -> dict[str, Any]:
+    """A ResourceSlice as NVIDIA's DRA driver publishes one: a pool per node, one device per GPU."""
+    return {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice", "metadata": {"name": f"{node_name}-gpus"},
+        "spec": {"driver": driver, "nodeName": node_name, "pool": {"name": node_name, "generation": 1,
+                                                                    "resourceSliceCount": 1},
+                 "devices": [{"name": f"gpu-{i}", "attributes": {
+                     "index": {"int": i}, "productName": {"string": product},
+                     "uuid": {"string": f"GPU-{node_name}-{i}"}, "architecture": {"string": "Hopper"}},
+                     "capacity": {"memory": {"value": "143771Mi"}}}
+                     for i in range(first, first + gpus)]},
+    }
+
+
+def claim(pool: str, devices: list[str], driver: str = "gpu.nvidia.com") -> dict[str, Any]:
+    return {"status": {"allocation": {"devices": {"results": [
+        {"request": "gpus", "driver": driver, "pool": pool, "device": d} for d in devices]}}}}
+
+
+def dra_join(nodes: list[dict[str, Any]], slices: list[dict[str, Any]], claims: list[dict[str, Any]] = (),
+             pods: list[dict[str, Any]] = (), **kwargs: Any) -> list[Device]:
+    published: dict[str, list[Any]] = {}
+    for found in filter(None, map(slice_gpus, slices)):
+        published.setdefault(found[0], []).extend(found[1])
+    held: dict[str, list[str]] = {}
+    for c in claims:
+        for pool, names in claim_holds(c).items():
+            held.setdefault(pool, []).extend(names)
+    return join(nodes, pods, slices=published, claimed=held, **kwargs)
+
+
+def test_a_slice_of_the_gpu_driver_lists_its_gpus_with_index_product_and_memory() -> None:
+    node_name, gpus = slice_gpus(resource_slice("dra-a", 2))
+    assert node_name == "dra-a" and [(g.name, g.pool, g.index, g.product, g.memory_mib) for g in gpus] == [
+        ("gpu-0", "dra-a", 0, "NVIDIA H200", 143771), ("gpu-1", "dra-a", 1, "NVIDIA H200", 143771)]
+    assert slice_gpus(resource_slice("dra-a", 2, driver="other.example.com")) is None
+    unnamed = resource_slice("dra-a", 1)
+    del unnamed["spec"]["nodeName"]
+    assert slice_gpus(unnamed) is None
+    assert claim_holds(claim("dra-a", ["gpu-1"])) == {"dra-a": ("gpu-1",)}
+    assert claim_holds(claim("dra-a", ["nic-0"], driver="nic.example.com")) == {}
+    assert claim_holds({"status": {}}) == {}
+
+
+def test_dra_gpus_are_free_unless_a_claim_or_a_planned_pod_holds_them() -> None:
+    """A node of a DRA driver without GFD labels or the extended resource: its slice's GPUs, by index and
+    product; minus the device an allocated claim holds, and the indices a worker pod of ours is planned on
+    before its claim is allocated."""
+    bare = {"metadata": {"name": "dra-a", "labels": {"kubernetes.io/hostname": "dra-a"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    found = dra_join([bare], [resource_slice("dra-a", 4)], [claim("dra-a", ["gpu-1"])])
+    assert [(d.product, d.node, d.index) for d in found] == [("NVIDIA H200", "dra-a", i) for i in (0, 2, 3)]
+    ours = {"metadata": {"name": "w", "namespace": "jobs", "labels": {"stadi.dev/job": "j"},
+                         "annotations": {"stadi.dev/gpu-indices": "2,3"}},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": "dra-a"}, "containers": [{"name": "worker"}]},
+            "status": {"phase": "Pending"}}
+    found = dra_join([bare], [resource_slice("dra-a", 4)], [claim("dra-a", ["gpu-1"])], [ours])
+    assert [d.index for d in found] == [0]
+    # the job being re-planned does not hold its own leaving pods' devices
+    found = dra_join([bare], [resource_slice("dra-a", 4)], [], [ours], ignore_job=("jobs", "j"))
+    assert [d.index for d in found] == [0, 1, 2, 3]
+
+
+def test_a_node_with_both_sources_is_counted_once_from_its_slices() -> None:
+    """GFD labels and nvidia.com/gpu (the device plugin) next to a DRA slice of the same 2 GPUs: 2 devices, not 4;
+    a node of the device plugin only still counts from its allocatable."""
+    found = dra_join([node("both", gpus=2), node("plugin", gpus=2)], [resource_slice("both", 2)])
+    assert [(d.node, d.index) for d in found] == [("both", 0), ("both", 1), ("plugin", 0), ("plugin", 1)]
+    assert {d.product for d in found if d.node == "both"} == {"NVIDIA H200"}

@@ -112,6 +112,11 @@ kopf): one set of rules, bound cluster-wide (all namespaces) or per watched name
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The claim template of a worker pod on a node whose GPUs DRA publishes (the resourceclaim controller makes the
+# pod's claim from it): created once, read back, patched to sync or adopt.
+- apiGroups: ["resource.k8s.io"]
+  resources: ["resourceclaimtemplates"]
+  verbs: ["get", "create", "patch"]
 {{- if ne .Values.operator.volcano "off" }}
 - apiGroups: ["scheduling.volcano.sh"]
   resources: ["podgroups"]

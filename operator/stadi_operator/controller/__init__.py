@@ -8,6 +8,8 @@ Lifecycle (``status.phase``)::
           (InvalidSpec)   +------- a pod failed / gang unschedulable: re-plan -------+--> Failed (backoff,
                                    without those nodes, attempt + 1                        deadline, ...)
 
+    spec.suspend true: Planning/Scheduling/Running --> Suspended (pods stopped); false: --> Planning, attempt + 1
+
 * ``admit`` and ``plan`` are two create/resume handlers: kopf runs one per cycle and applies its status patch
   before the next, so Planning is visible while the planner runs.
 * ``reconcile`` is a timer: it lists the job's pods and moves the phase; it is level-triggered, so an operator
@@ -16,8 +18,9 @@ Lifecycle (``status.phase``)::
   adopted. The ConfigMap ``<job>-plan`` records the attempt number with its plan; a restarted operator that finds
   the ConfigMap of the attempt it is about to start reuses that plan instead of planning again, so the pods it
   creates (deterministic names) are exactly the ones a crashed predecessor may already have created.
-* Spec updates while Pending/Planning/Failed re-validate and re-plan. While Scheduling/Running/Succeeded they are
-  ignored with a ``SpecChangeIgnored`` event: the gang runs the spec it started with (its job.json), and
+* Spec updates while Pending/Planning/Failed re-validate and re-plan. ``spec.suspend`` is obeyed in any phase
+  but the final ones (a resume's attempt is counted in ``status.resumes``, not as a retry). Other changes while
+  Scheduling/Running/Succeeded are ignored with a ``SpecChangeIgnored`` event: the gang runs the spec it started with (its job.json), and
   ``status.observedGeneration`` stays behind ``metadata.generation`` to show it.
 * Retries (``spec.backoffLimit``) are counted over the job's life by ``status.attempts`` (attempt numbers name
   the pods, so they never restart). Editing the spec of a Failed job starts one new attempt; retrying after that
@@ -29,8 +32,9 @@ Lifecycle (``status.phase``)::
 
 Modules, each importing only those above it:
 
+- ``inventory``: the cluster's free GPUs from Nodes or DRA ResourceSlices, pods, ResourceClaims and GPUNodes
+  (pure).
 - ``children``: the manifests of an attempt's children (pure).
-- ``inventory``: the cluster's free GPUs from Nodes, pods and GPUNodes (pure).
 - ``status``: one handler run's status changes, conditions and timestamps.
 - ``pods``: what a worker pod's object says (phase, attempt, node, why it failed; pure).
 - ``gpu_book``: GPUs promised to just-created pods until kopf's pod index shows them or their job sees them finished.
@@ -39,6 +43,6 @@ Modules, each importing only those above it:
 - ``admission``: the spec checked by the pydantic model, and the InvalidSpec verdict.
 - ``adoption``: create a child unless it exists, adopt an orphan, read back a committed plan.
 - ``launch``: start an attempt: plan (or adopt the committed plan) and create its children.
-- ``lifecycle``: the pods of an attempt move the phase: retry, fail, succeed, deadline, TTL.
+- ``lifecycle``: the pods of an attempt move the phase: retry, fail, succeed, suspend, resume, deadline, TTL.
 - ``handlers``: the thin kopf handlers and :func:`~stadi_operator.controller.handlers.register`.
 """

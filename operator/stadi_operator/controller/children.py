@@ -18,6 +18,7 @@ import kopf
 
 from stadi import __version__
 from stadi.api import API_VERSION, GROUP, DiffusionJobSpec, Plan
+from stadi_operator.controller.inventory import DRA_INDICES_ANNOTATION, GPU_DRIVER
 
 APP = "stadi-worker"
 # The worker image when neither the job nor the operator names one (the chart sets the operator's).
@@ -73,6 +74,7 @@ class WorkerOptions:
     # the volume source of the workers' cache (models, compiled artifacts): an emptyDir unless the operator
     # was given a node directory or a claim
     cache: Mapping[str, Any] = field(default_factory=lambda: {"emptyDir": {}})
+    dra_device_class: str = "gpu.nvidia.com"  # the DeviceClass a pod on a DRA node claims its GPUs from
 
 
 @dataclass(frozen=True)
@@ -236,13 +238,37 @@ def _env(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot,
     return env
 
 
+def claim_template_name(pod: str) -> str:
+    return f"{pod}-gpus"
+
+
+def gpu_claim_template(owner: Owner, attempt: int, slot: PodSlot, indices: tuple[int, ...],
+                       options: WorkerOptions) -> dict[str, Any]:
+    """The ResourceClaimTemplate of a worker pod on a DRA node: exactly its planned GPUs, by their index on the
+    node (the pod is pinned there, so the scheduler allocates from that node's slices only)."""
+    listed = ", ".join(str(i) for i in indices)
+    request = {"name": "gpus", "exactly": {
+        "deviceClassName": options.dra_device_class, "allocationMode": "ExactCount", "count": len(indices),
+        "selectors": [{"cel": {"expression": f'device.attributes["{GPU_DRIVER}"].index in [{listed}]'}}],
+    }}
+    name = claim_template_name(pod_name(owner.name, attempt, slot.index))
+    return owned(owner, {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": _meta(owner, name, labels={**labels(owner), LABEL_ATTEMPT: str(attempt)}),
+        "spec": {"spec": {"devices": {"requests": [request]}}},
+    })
+
+
 def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot, pods: int,
-               options: WorkerOptions) -> dict[str, Any]:
-    """One worker pod: pinned to its planned node, requesting exactly that node's planned GPUs."""
+               options: WorkerOptions, dra_indices: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One worker pod: pinned to its planned node, requesting exactly that node's planned GPUs: the extended
+    resource of the device plugin, or on a DRA node (``dra_indices``) a claim of those devices from its
+    template (``gpu_claim_template``), which the resourceclaim controller creates and the scheduler
+    allocates."""
     template = spec.template
     name = pod_name(owner.name, attempt, slot.index)
     image = template.image or options.image or DEFAULT_WORKER_IMAGE
-    gpu = {template.gpu_resource: str(slot.gpus)}
+    gpu = {} if dra_indices else {template.gpu_resource: str(slot.gpus)}
     command = [
         "torchrun", f"--nnodes={pods}", f"--nproc-per-node={slot.gpus}", f"--node-rank={slot.index}",
         f"--master-addr={rank0_address(owner.name, owner.namespace, attempt)}",
@@ -252,6 +278,11 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
     pod_labels = {**labels(owner), LABEL_ATTEMPT: str(attempt), LABEL_POD_INDEX: str(slot.index)}
     annotations = {ANNOTATION_NODE: slot.node}
     spec_extra: dict[str, Any] = {}
+    claims: dict[str, Any] = {}
+    if dra_indices:
+        annotations[DRA_INDICES_ANNOTATION] = ",".join(str(i) for i in dra_indices)
+        spec_extra["resourceClaims"] = [{"name": "gpus", "resourceClaimTemplateName": claim_template_name(name)}]
+        claims = {"claims": [{"name": "gpus"}]}
     if options.volcano:
         annotations[VOLCANO_GROUP] = pod_group_name(owner.name, attempt)
         spec_extra["schedulerName"] = "volcano"
@@ -282,6 +313,7 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
                 "resources": {
                     "requests": {**template.resources.requests, **gpu},
                     "limits": {**template.resources.limits, **gpu},
+                    **claims,
                 },
                 "volumeMounts": [
                     {"name": "stadi", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -300,18 +332,17 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
     })
 
 
-def worker_pods(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int,
-                options: WorkerOptions) -> list[dict[str, Any]]:
+def children(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int, options: WorkerOptions,
+             dra_nodes: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Everything an attempt needs, in creation order: identity and RBAC, plan, Service, gang, the GPU claim
+    templates of the pods on DRA nodes (``dra_nodes``), pods."""
     slots = pod_slots(plan)
-    return [worker_pod(owner, spec, attempt, slot, len(slots), options) for slot in slots]
-
-
-def children(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int,
-             options: WorkerOptions) -> list[dict[str, Any]]:
-    """Everything an attempt needs, in creation order: identity and RBAC, plan, Service, gang, pods."""
-    pods = worker_pods(owner, spec, plan, attempt, options)
+    indices = {s.index: tuple(plan.ranks[r].gpu_index or 0 for r in s.ranks) if s.node in dra_nodes else ()
+               for s in slots}
+    pods = [worker_pod(owner, spec, attempt, s, len(slots), options, indices[s.index]) for s in slots]
+    claims = [gpu_claim_template(owner, attempt, s, indices[s.index], options) for s in slots if indices[s.index]]
     group = [pod_group(owner, attempt, len(pods))] if options.volcano else []
     return [
         service_account(owner), role(owner), role_binding(owner), config_map(owner, spec, plan, attempt),
-        service(owner, attempt, options.port), *group, *pods,
+        service(owner, attempt, options.port), *group, *claims, *pods,
     ]

@@ -16,7 +16,13 @@ import kopf
 
 from stadi.api import GROUP, VERSION
 from stadi_operator.controller.admission import reject, validate
-from stadi_operator.controller.indexes import stadi_gpu_pods, stadi_nodes, stadi_telemetry
+from stadi_operator.controller.indexes import (
+    stadi_gpu_claims,
+    stadi_gpu_pods,
+    stadi_gpu_slices,
+    stadi_nodes,
+    stadi_telemetry,
+)
 from stadi_operator.controller.launch import launch
 from stadi_operator.controller.lifecycle import (
     deadline_passed,
@@ -24,7 +30,9 @@ from stadi_operator.controller.lifecycle import (
     fail,
     owned_pods,
     progress_text,
+    resume,
     stop,
+    suspend,
     watch_pods,
 )
 from stadi_operator.controller.runtime import Job, Runtime
@@ -47,6 +55,8 @@ def admit(patch: kopf.Patch, **kwargs: Any) -> None:
     else:
         job.status.set(phase="Planning", observedGeneration=job.status.generation, startTime=stamp(job.now))
         job.status.condition("Valid", "True", "Valid", "spec is valid")
+        if spec_job.spec.suspend:
+            suspend(job, [])
     job.status.apply(patch)
 
 
@@ -65,9 +75,13 @@ def plan(patch: kopf.Patch, **kwargs: Any) -> None:
 
 
 def respec(patch: kopf.Patch, **kwargs: Any) -> None:
-    """Update of the spec: re-plan unless a gang is running (or the job succeeded)."""
+    """Update of the spec: suspend or resume (spec.suspend), else re-plan unless a gang is running (or the job
+    succeeded)."""
     job = Job.of(kwargs)
     st = job.status
+    if st.phase not in FINAL and _suspension(job):
+        st.apply(patch)
+        return
     if st.phase in ("Scheduling", "Running", "Succeeded"):
         job.event("SpecChangeIgnored", f"spec changed while {st.phase}: the job keeps running generation "
                   f"{st.get('observedGeneration')}; edit it again once it has failed to re-plan", warning=True)
@@ -80,8 +94,26 @@ def respec(patch: kopf.Patch, **kwargs: Any) -> None:
         st.set(phase="Planning", completionTime=None, excludedNodes=[], startTime=stamp(job.now))
         st.condition("Valid", "True", "Valid", "spec is valid")
         st.condition("Failed", "False", "SpecChanged", "the spec changed; planning again")
-        launch(job, spec_job)
+        if spec_job.spec.suspend:
+            suspend(job, [])
+        else:
+            launch(job, spec_job)
     st.apply(patch)
+
+
+def _suspension(job: Job) -> bool:
+    """Act on spec.suspend where the phase disagrees with it (a valid spec only); True if it did."""
+    spec_job, _ = validate(job.body)
+    if spec_job is None:
+        return False
+    suspended = job.status.phase == "Suspended"
+    if spec_job.spec.suspend and not suspended:
+        suspend(job, owned_pods(job))
+    elif suspended and not spec_job.spec.suspend:
+        resume(job, spec_job)
+    else:
+        return suspended  # still suspended: any other change waits for the resume, which plans the spec as it is
+    return True
 
 
 def reconcile(patch: kopf.Patch, **kwargs: Any) -> None:
@@ -97,6 +129,9 @@ def reconcile(patch: kopf.Patch, **kwargs: Any) -> None:
         return
     if spec_job is None:
         return  # the create/update handlers report invalid specs
+    if _suspension(job):  # also where an update event was missed
+        st.apply(patch)
+        return
     if deadline_passed(job, spec_job):
         fail(job, "DeadlineExceeded",
              f"activeDeadlineSeconds ({spec_job.spec.active_deadline_seconds}) exceeded in phase {st.phase}",
@@ -144,6 +179,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
     kopf.index("nodes", registry=registry)(stadi_nodes)
     kopf.index("pods", registry=registry)(stadi_gpu_pods)
     kopf.index(GROUP, VERSION, "gpunodes", registry=registry)(stadi_telemetry)
+    kopf.index("resource.k8s.io", "v1", "resourceslices", registry=registry)(stadi_gpu_slices)
+    kopf.index("resource.k8s.io", "v1", "resourceclaims", registry=registry)(stadi_gpu_claims)
     for on in (kopf.on.create, kopf.on.resume):
         on(*JOBS, id="admit", backoff=backoff, registry=registry)(admit)
         on(*JOBS, id="plan", backoff=backoff, registry=registry)(plan)

@@ -1,8 +1,15 @@
-"""The cluster's free GPUs, as planner devices: Nodes (GPU Feature Discovery labels, allocatable, taints)
-minus what running pods request, joined with GPUNode telemetry (load per GPU).
+"""The cluster's free GPUs, as planner devices, joined with GPUNode telemetry (load per GPU), from either source:
 
-Pure functions: kopf's indexes call :func:`node_info`, :func:`pod_usage` and :func:`telemetry` on each
-object and keep the results; :func:`free_devices` joins them when a job is planned. No API calls here.
+- the device plugin: Nodes (GPU Feature Discovery labels, allocatable ``nvidia.com/gpu``, taints) minus what
+  running pods request;
+- Dynamic Resource Allocation: the ResourceSlices of the GPU driver (``GPU_DRIVER``, NVIDIA's), one device per
+  GPU with its product, index and memory, minus the devices that ResourceClaims hold and those this operator's
+  pods are planned on. A node whose GPUs a slice publishes is counted from the slice only, never from its
+  allocatable as well.
+
+Pure functions: kopf's indexes call :func:`node_info`, :func:`pod_usage`, :func:`telemetry`, :func:`slice_gpus`
+and :func:`claim_holds` on each object and keep the results; :func:`free_devices` joins them when a job is
+planned. No API calls here.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ COUNT_LABEL = "nvidia.com/gpu.count"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
 TERMINATED = ("Succeeded", "Failed")
+# The NVIDIA DRA driver's name; its devices' attributes (productName, index, uuid) are qualified by it.
+GPU_DRIVER = "gpu.nvidia.com"
+# On a worker pod that claims its GPUs through DRA: the device indices it is planned on ("0,1"), so that its
+# GPUs count as taken before the scheduler allocates its claim.
+DRA_INDICES_ANNOTATION = "stadi.dev/gpu-indices"
 
 
 @dataclass(frozen=True)
@@ -29,7 +41,7 @@ class NodeInfo:
     """What planning needs to know about one GPU node."""
 
     name: str
-    product: str
+    product: str = ""  # GPU Feature Discovery's product label; "" on a node without one
     memory_mib: int | None = None
     allocatable: Mapping[str, int] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -46,6 +58,18 @@ class PodUsage:
     name: str
     requests: Mapping[str, int]
     job: str | None = None  # the DiffusionJob of a worker pod (label stadi.dev/job)
+    dra_indices: tuple[int, ...] = ()  # a worker pod claiming through DRA: the GPU indices it is planned on
+
+
+@dataclass(frozen=True)
+class DraGpu:
+    """One GPU a ResourceSlice of ``GPU_DRIVER`` publishes."""
+
+    name: str  # the device's name in its pool
+    pool: str
+    index: int
+    product: str
+    memory_mib: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,13 +92,12 @@ def quantity(text: Any) -> int:
         return 0
 
 
-def node_info(body: Mapping[str, Any]) -> NodeInfo | None:
-    """A Node as planning sees it; None for nodes without a GPU product label (not GPU nodes)."""
+def node_info(body: Mapping[str, Any]) -> NodeInfo:
+    """A Node as planning sees it (every node: one without the GPU product label may have GPUs published
+    through DRA)."""
     meta = body.get("metadata") or {}
     labels = dict(meta.get("labels") or {})
-    product = labels.get(PRODUCT_LABEL)
-    if not product:
-        return None
+    product = labels.get(PRODUCT_LABEL, "")
     spec = body.get("spec") or {}
     status = body.get("status") or {}
     allocatable = {key: quantity(value) for key, value in (status.get("allocatable") or {}).items() if "/" in key}
@@ -121,11 +144,58 @@ def pod_usage(body: Mapping[str, Any]) -> tuple[str, PodUsage] | None:
         for key, value in wanted(container).items():
             total[key] = max(total.get(key, 0), value)
     total = {key: value for key, value in total.items() if value > 0}
-    if not total:
-        return None
     meta = body.get("metadata") or {}
+    indices = tuple(int(i) for i in str((meta.get("annotations") or {}).get(DRA_INDICES_ANNOTATION, "")).split(",")
+                    if i.strip().isdigit())
+    if not total and not indices:
+        return None
     job = (meta.get("labels") or {}).get("stadi.dev/job")
-    return node, PodUsage(str(meta.get("namespace") or ""), str(meta.get("name") or ""), total, job)
+    return node, PodUsage(str(meta.get("namespace") or ""), str(meta.get("name") or ""), total, job, indices)
+
+
+def _attribute(device: Mapping[str, Any], name: str) -> Any:
+    """A device attribute's value (``{"string": ...}``, ``{"int": ...}``), by bare or driver-qualified name."""
+    attributes = device.get("attributes") or {}
+    found = attributes.get(name) or attributes.get(f"{GPU_DRIVER}/{name}") or {}
+    return next(iter(found.values()), None) if isinstance(found, Mapping) else None
+
+
+def slice_gpus(body: Mapping[str, Any]) -> tuple[str, tuple[DraGpu, ...]] | None:
+    """(node, GPUs) of a ResourceSlice of ``GPU_DRIVER`` on one node; None for other drivers, slices of no
+    node, and devices without an index or product (not whole GPUs: MIG partitions come later)."""
+    spec = body.get("spec") or {}
+    node = spec.get("nodeName")
+    if spec.get("driver") != GPU_DRIVER or not node:
+        return None
+    pool = str((spec.get("pool") or {}).get("name") or node)
+    found = []
+    for device in spec.get("devices") or []:
+        index, product = _attribute(device, "index"), _attribute(device, "productName")
+        if not isinstance(index, int) or not product:
+            continue
+        memory = ((device.get("capacity") or {}).get("memory") or {}).get("value")
+        found.append(DraGpu(str(device.get("name")), pool, index, str(product), _mebibytes(memory)))
+    return (node, tuple(found)) if found else None
+
+
+def _mebibytes(text: Any) -> int | None:
+    """A memory quantity ("80Gi", "81559Mi", bytes) in MiB; None when absent or unreadable."""
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 ** 2}
+    value = str(text or "").strip()
+    for suffix, factor in units.items():
+        if value.endswith(suffix) and value[:-2].replace(".", "", 1).isdigit():
+            return int(float(value[:-2]) * factor)
+    return int(value) // 2 ** 20 if value.isdigit() else None
+
+
+def claim_holds(body: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The devices of ``GPU_DRIVER`` a ResourceClaim's allocation holds, by pool (empty when it holds none)."""
+    results = (((body.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []
+    held: dict[str, tuple[str, ...]] = {}
+    for r in results:
+        if r.get("driver") == GPU_DRIVER and r.get("pool") and r.get("device"):
+            held[str(r["pool"])] = (*held.get(str(r["pool"]), ()), str(r["device"]))
+    return held
 
 
 def _timestamp(text: Any) -> datetime | None:
@@ -182,6 +252,8 @@ def free_devices(
     used: Mapping[str, Iterable[PodUsage]],
     telemetry_by_node: Mapping[str, Telemetry],
     *,
+    slices: Mapping[str, Iterable[DraGpu]] | None = None,
+    claimed: Mapping[str, Iterable[str]] | None = None,
     resource: str = "nvidia.com/gpu",
     tolerations: Sequence[Toleration] = (),
     node_selector: Mapping[str, str] | None = None,
@@ -198,6 +270,10 @@ def free_devices(
     load; stale or missing telemetry means load 0. A time-sliced product (``-SHARED``) offers at most one device
     per physical GPU: two ranks on slices of one GPU would only slow each other down. The pods of
     ``ignore_job`` (namespace, name) do not count: they belong to the attempt being replaced.
+
+    A node with GPUs in ``slices`` (DRA, by node) offers exactly those devices (by their index and product) less
+    the ones ResourceClaims hold (``claimed``: device names by pool) and the ones this operator's pods on the node
+    are planned on (``PodUsage.dra_indices``), whatever its allocatable says.
     """
     excluded = set(exclude)
     selector = dict(node_selector or {})
@@ -205,16 +281,23 @@ def free_devices(
     for node in sorted(nodes, key=lambda n: n.name):
         if node.name in excluded or not usable(node, tolerations, selector):
             continue
-        taken = sum(
-            u.requests.get(resource, 0) for u in used.get(node.name, ())
-            if ignore_job is None or (u.namespace, u.job) != ignore_job
-        )
-        free = node.allocatable.get(resource, 0) - taken
-        if free <= 0:
-            continue
+        pods = [u for u in used.get(node.name, ()) if ignore_job is None or (u.namespace, u.job) != ignore_job]
         tele = telemetry_by_node.get(node.name)
         fresh = tele is not None and tele.updated is not None and now - tele.updated <= timedelta(seconds=stale_after)
         loads = dict(tele.loads) if fresh and tele is not None else {}
+        published = list((slices or {}).get(node.name, ()))
+        if published:
+            held = {name for g in published for name in (claimed or {}).get(g.pool, ())}
+            planned = {i for u in pods for i in u.dra_indices}
+            devices += [Device(g.product, loads.get(g.index, 0.0), node.name, g.index)
+                        for g in sorted(published, key=lambda g: g.index)
+                        if g.name not in held and g.index not in planned]
+            continue
+        if not node.product:
+            continue
+        free = node.allocatable.get(resource, 0) - sum(u.requests.get(resource, 0) for u in pods)
+        if free <= 0:
+            continue
         if gpus.resolve(node.product).shared:
             physical = quantity(node.labels.get(COUNT_LABEL, 0)) or len(loads) or free
             free = min(free, physical)

@@ -39,7 +39,8 @@ def _launch(job: Job, spec_job: DiffusionJob, announce_wait: bool) -> bool:
             return False
     slots = ch.pod_slots(plan)
     made: dict[str, int] = {}
-    for desired in ch.children(owner, spec_job.spec, plan, attempt, job.runtime.worker_options):
+    for desired in ch.children(owner, spec_job.spec, plan, attempt, job.runtime.worker_options,
+                               job.indexes.dra_nodes):
         current, what = ensure(kube, desired, owner)
         made[what] = made.get(what, 0) + 1
         if desired["kind"] == "Pod":

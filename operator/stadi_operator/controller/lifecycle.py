@@ -1,5 +1,6 @@
 """The pod lifecycle of a job: its current attempt's pods move the phase (Running, Succeeded), a failed or
-unschedulable gang is retried without its nodes or fails the job, and the deadline and TTL end it."""
+unschedulable gang is retried without its nodes or fails the job, spec.suspend stops and resumes it, and the
+deadline and TTL end it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,38 @@ def fail(job: Job, reason: str, message: str, found: Iterable[Mapping[str, Any]]
     job.event(reason, message, warning=True)
 
 
+def suspend(job: Job, found: list[dict[str, Any]]) -> None:
+    """Phase Suspended (spec.suspend): stop the current attempt's pods and its PodGroup; images already written
+    stay in the output (the worker writes each whole), and the resume generates only the missing ones."""
+    st = job.status
+    if st.phase == "Suspended":
+        return
+    stopped = stop(job, found)
+    job.runtime.book.release(found)
+    attempt = int(st.get("attempts", 0))
+    if job.runtime.volcano and attempt:
+        job.kube.delete("PodGroup", job.namespace, ch.pod_group_name(job.name, attempt))
+    message = (f"spec.suspend is true: {stopped} worker pod(s) stopped; the images written so far are kept, and "
+               "the missing ones are generated when spec.suspend is set false" if stopped else
+               "spec.suspend is true: no worker pods until it is set false")
+    st.set(phase="Suspended")
+    st.condition("Suspended", "True", "Suspended", message)
+    if stopped:
+        st.condition("Scheduled", "False", "Suspended", message)
+    job.event("Suspended", message)
+
+
+def resume(job: Job, spec_job: DiffusionJob) -> None:
+    """Out of Suspended (spec.suspend set false): plan again on the GPUs free now and start a new attempt, one
+    that backoffLimit does not count (``resumes``)."""
+    st = job.status
+    resumes = int(st.get("resumes", 0)) + (1 if int(st.get("attempts", 0)) else 0)
+    st.set(phase="Planning", resumes=resumes, startTime=stamp(job.now))
+    st.condition("Suspended", "False", "Resumed", "spec.suspend is false: planning on the GPUs free now")
+    job.event("Resumed", "spec.suspend is false: planning again; images already written are skipped")
+    launch(job, spec_job)
+
+
 def retry(job: Job, spec_job: DiffusionJob, nodes: Iterable[str], reason: str, message: str,
           found: list[dict[str, Any]]) -> None:
     """Replace the current attempt: stop its pods, exclude the nodes at fault, plan again (or fail)."""
@@ -49,7 +82,7 @@ def retry(job: Job, spec_job: DiffusionJob, nodes: Iterable[str], reason: str, m
         job.kube.delete("PodGroup", job.namespace, ch.pod_group_name(job.name, int(st.get("attempts", 0))))
     attempts = int(st.get("attempts", 0))
     limit = spec_job.spec.backoff_limit
-    if attempts - 1 >= limit:  # attempt 1 is not a retry
+    if attempts - 1 - int(st.get("resumes", 0)) >= limit:  # neither attempt 1 nor a resume's is a retry
         fail(job, "BackoffLimitExceeded" if reason == "PodFailed" else reason,
              f"{message}; backoffLimit {limit} reached after {attempts} attempt(s)")
         return

@@ -37,7 +37,7 @@ class Runtime:
         s = self.settings
         return ch.WorkerOptions(image=s.worker_image, port=s.rendezvous_port, volcano=self.volcano,
                                 run_as_user=s.worker_uid, progress_interval=s.progress_interval,
-                                cache=s.worker_cache)
+                                cache=s.worker_cache, dra_device_class=s.dra_device_class)
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -22,6 +22,10 @@ class GPUNodeSpec:
 
     ``replicas`` > 1 models the device plugin's time-slicing: GFD then appends ``-SHARED`` to the product,
     the node advertises ``gpus * replicas`` ``nvidia.com/gpu`` while ``nvidia.com/gpu.count`` stays physical.
+
+    ``dra``: the node's GPUs are published through Dynamic Resource Allocation instead, as NVIDIA's DRA driver
+    does (``resource_slice``: ``product`` is then the driver's ``productName``, e.g. "NVIDIA H200"), with no device
+    plugin and no GFD labels. ``labels`` and ``taints`` are added to the Node as given.
     """
 
     name: str
@@ -31,6 +35,9 @@ class GPUNodeSpec:
     replicas: int = 1
     cpu: str = "96"
     memory: str = "1Ti"
+    dra: bool = False
+    labels: tuple[tuple[str, str], ...] = ()
+    taints: tuple[tuple[str, str, str], ...] = ()  # (key, value, effect)
 
     def manifest(self) -> dict[str, Any]:
         """The Node object (status included: kwok's node-initialize stage keeps capacity/allocatable as given)."""
@@ -39,16 +46,16 @@ class GPUNodeSpec:
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
             "type": "kwok",
-            "nvidia.com/gpu.present": "true",
-            PRODUCT_LABEL: self.product,
-            MEMORY_LABEL: str(self.memory_mib),
-            COUNT_LABEL: str(self.gpus),
+            **dict(self.labels),
         }
+        resources = {"cpu": self.cpu, "memory": self.memory, "pods": "110"}
+        if not self.dra:
+            labels |= {"nvidia.com/gpu.present": "true", PRODUCT_LABEL: self.product,
+                       MEMORY_LABEL: str(self.memory_mib), COUNT_LABEL: str(self.gpus)}
+            resources[GPU_RESOURCE] = str(self.gpus * self.replicas)
         if self.replicas > 1:
             labels["nvidia.com/gpu.replicas"] = str(self.replicas)
             labels["nvidia.com/gpu.sharing-strategy"] = "time-slicing"
-        resources = {"cpu": self.cpu, "memory": self.memory, "pods": "110",
-                     GPU_RESOURCE: str(self.gpus * self.replicas)}
         return {
             "apiVersion": "v1",
             "kind": "Node",
@@ -57,9 +64,38 @@ class GPUNodeSpec:
                 "labels": labels,
                 "annotations": {KWOK_ANNOTATION[0]: KWOK_ANNOTATION[1], "node.alpha.kubernetes.io/ttl": "0"},
             },
-            "spec": {},
+            "spec": {"taints": [{"key": k, "value": v, "effect": e} for k, v, e in self.taints]},
             "status": {"capacity": resources, "allocatable": dict(resources)},
         }
+
+    def resource_slice(self) -> dict[str, Any]:
+        """The ResourceSlice NVIDIA's DRA driver publishes for this node: one pool named after the node, one
+        device per GPU with its index, product, UUID and memory."""
+        devices = [{
+            "name": f"gpu-{i}",
+            "attributes": {"index": {"int": i}, "productName": {"string": self.product},
+                           "uuid": {"string": f"GPU-{self.name}-{i}"}, "type": {"string": "gpu"}},
+            "capacity": {"memory": {"value": f"{self.memory_mib}Mi"}},
+        } for i in range(self.gpus)]
+        return {
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": f"{self.name}-{DRA_DRIVER}"},
+            "spec": {"driver": DRA_DRIVER, "nodeName": self.name, "devices": devices,
+                     "pool": {"name": self.name, "generation": 1, "resourceSliceCount": 1}},
+        }
+
+
+# NVIDIA's DRA driver and the DeviceClass it installs for whole GPUs
+DRA_DRIVER = "gpu.nvidia.com"
+DEVICE_CLASS: dict[str, Any] = {
+    "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass", "metadata": {"name": DRA_DRIVER},
+    "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{DRA_DRIVER}"'}}]},
+}
+
+
+def dra_objects(specs: list[GPUNodeSpec]) -> list[dict[str, Any]]:
+    """The DeviceClass, then each DRA node and its ResourceSlice, for ``kubectl apply``."""
+    return [DEVICE_CLASS, *(o for s in specs if s.dra for o in (s.manifest(), s.resource_slice()))]
 
 
 H100 = ("NVIDIA-H100-80GB-HBM3", 81559)
