@@ -342,9 +342,11 @@ def test_suspend_stops_the_pods_and_resume_plans_a_new_attempt(stadi: Stadi, cle
 # Two nodes whose GPUs only DRA publishes (no device plugin, no GFD labels), tainted so that no other test's job
 # lands there; the DRA jobs tolerate the taint and select the label.
 DRA_LABEL = ("stadi.dev/e2e-dra", "true")
-DRA_NODES = [fake_nodes.GPUNodeSpec(name, "NVIDIA H200", gpus, 143771, dra=True, labels=(DRA_LABEL,),
+DRA_NODES = [fake_nodes.GPUNodeSpec(name, product, gpus, memory, dra=True, labels=(DRA_LABEL,),
                                     taints=((*DRA_LABEL, "NoSchedule"),))
-             for name, gpus in (("dra-h200-0", 2), ("dra-h200-1", 1))]
+             for name, product, gpus, memory in (("dra-h200-0", "NVIDIA H200", 2, 143771),
+                                                 ("dra-h200-1", "NVIDIA H200", 1, 143771),
+                                                 ("dra-a100-0", "NVIDIA A100-SXM4-80GB", 1, 81920))]
 
 
 @pytest.fixture
@@ -366,7 +368,7 @@ def dra_job(name: str, gpus: int) -> dict[str, Any]:
     manifest = yaml.safe_load((ROOT / "manifests" / "examples" / "sdxl-patch.yaml").read_text())
     manifest["metadata"]["name"] = name
     spec = manifest["spec"]
-    spec["parallelism"] = {**spec.get("parallelism", {}), "gpus": {"min": gpus, "max": gpus}}
+    spec["parallelism"] = {**spec.get("parallelism", {}), "strategy": "auto", "gpus": {"min": gpus, "max": gpus}}
     spec["template"] = {"nodeSelector": dict([DRA_LABEL]),
                         "tolerations": [{"key": DRA_LABEL[0], "operator": "Exists", "effect": "NoSchedule"}]}
     return manifest
@@ -374,10 +376,11 @@ def dra_job(name: str, gpus: int) -> dict[str, Any]:
 
 def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fleet: list[str],
                                                               cleanup: list[str]) -> None:
-    """Three H200s that only ResourceSlices publish: the job is planned on them, each pod names a claim template of
-    exactly its planned devices, the real scheduler allocates those devices and binds the pods; a second job
-    asking for more GPUs than are published (and free) waits with Planned=False saying why, and no pod."""
-    cleanup += ["dra", "dra-more"]
+    """Three H200s and an A100 that only ResourceSlices publish: a job of three GPUs is planned on the H200s, each
+    pod names a claim template of exactly its planned devices, the real scheduler allocates those devices and binds
+    the pods; a job of one GPU gets the A100 (its product read from its slice); a job asking for more GPUs than are
+    published and free waits with Planned=False saying why, and no pod."""
+    cleanup += ["dra", "dra-more", "dra-one"]
     stadi.cluster.apply(dra_job("dra", 3), "-n", JOBS_NS)
     wait_phase(stadi, "dra", "Running")
     st = status(stadi, "dra")
@@ -395,6 +398,10 @@ def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fl
         assert {(r["driver"], r["pool"], r["device"]) for r in results} == {
             (fake_nodes.DRA_DRIVER, node, f"gpu-{i}") for n, i in planned if n == node}
 
+    stadi.cluster.apply(dra_job("dra-one", 1), "-n", JOBS_NS)
+    wait_phase(stadi, "dra-one", "Running")
+    [rank] = status(stadi, "dra-one")["plan"]["ranks"]
+    assert (rank["node"], rank["gpu_index"], rank["gpu"]) == ("dra-a100-0", 0, "NVIDIA A100-SXM4-80GB")
     stadi.cluster.apply(dra_job("dra-more", 2), "-n", JOBS_NS)
 
     def waiting() -> bool:
@@ -406,10 +413,11 @@ def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fl
     message = {c["type"]: c for c in more["conditions"]}["Planned"]["message"]
     assert more["phase"] == "Planning" and "no plan for attempt 1" in message, message
     assert pods(stadi, "dra-more") == []
-    finish_pods(stadi, found)
+    finish_pods(stadi, [*found, *pods(stadi, "dra-one", 1)])
     wait_phase(stadi, "dra", "Succeeded")
-    delete_job(stadi, "dra")
-    delete_job(stadi, "dra-more")
+    wait_phase(stadi, "dra-one", "Succeeded")
+    for name in ("dra", "dra-one", "dra-more"):
+        delete_job(stadi, name)
 
 
 CHILD_KINDS = ("pods,configmaps,services,serviceaccounts,"

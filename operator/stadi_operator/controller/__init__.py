@@ -18,10 +18,10 @@ Lifecycle (``status.phase``)::
   adopted. The ConfigMap ``<job>-plan`` records the attempt number with its plan; a restarted operator that finds
   the ConfigMap of the attempt it is about to start reuses that plan instead of planning again, so the pods it
   creates (deterministic names) are exactly the ones a crashed predecessor may already have created.
-* Spec updates while Pending/Planning/Failed re-validate and re-plan. ``spec.suspend`` is obeyed in any phase
-  but the final ones (a resume's attempt is counted in ``status.resumes``, not as a retry). Other changes while
-  Scheduling/Running/Succeeded are ignored with a ``SpecChangeIgnored`` event: the gang runs the spec it started with (its job.json), and
-  ``status.observedGeneration`` stays behind ``metadata.generation`` to show it.
+* Spec updates while Pending/Planning/Failed re-validate and re-plan. ``spec.suspend`` is obeyed in any phase but
+  the final ones (a resume's attempt is counted in ``status.resumes``, not as a retry). Other changes while
+  Scheduling/Running/Succeeded are ignored with a ``SpecChangeIgnored`` event: the gang runs the spec it started
+  with (its job.json), and ``status.observedGeneration`` stays behind ``metadata.generation`` to show it.
 * Retries (``spec.backoffLimit``) are counted over the job's life by ``status.attempts`` (attempt numbers name
   the pods, so they never restart). Editing the spec of a Failed job starts one new attempt; retrying after that
   one fails needs a ``backoffLimit`` above the attempts made.
