@@ -111,6 +111,9 @@ def shutdown(ctx: DistContext, teardown_s: float = TEARDOWN_S) -> None:
     if ctx.world_size <= 1 or not dist.is_initialized():
         return
     if ctx.backend != "nccl":
+        # every rank leaves together: a rank still tearing down when rank 0 (the rendezvous store's host) has
+        # exited can abort in a background thread ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
         return
     dist.barrier(device_ids=[ctx.device.index])
