@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from stadi import gpus
 from stadi.api import Toleration
 from stadi.planner import Device
@@ -180,12 +182,10 @@ def slice_gpus(body: Mapping[str, Any]) -> tuple[str, tuple[DraGpu, ...]] | None
 
 def _mebibytes(text: Any) -> int | None:
     """A memory quantity ("80Gi", "81559Mi", bytes) in MiB; None when absent or unreadable."""
-    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 ** 2}
-    value = str(text or "").strip()
-    for suffix, factor in units.items():
-        if value.endswith(suffix) and value[:-2].replace(".", "", 1).isdigit():
-            return int(float(value[:-2]) * factor)
-    return int(value) // 2 ** 20 if value.isdigit() else None
+    try:
+        return int(parse_quantity(text)) // 2 ** 20 if text else None
+    except ValueError:
+        return None
 
 
 def claim_holds(body: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
