@@ -23,9 +23,13 @@ with open(os.path.join(os.environ["OUT"], f"env{rank}.json"), "w") as f:
     json.dump({k: os.environ.get(k) for k in keys}, f)
 act = os.environ.get("ACT", "ok")
 if act == "fail":
+    after = os.environ.get("AFTER")  # fail only once rank AFTER has failed: an order process start-up cannot swap
+    while after is not None and not os.path.exists(os.path.join(os.environ["OUT"], f"failed{after}")):
+        time.sleep(0.05)
     time.sleep(float(os.environ.get("DELAY", "0")))
     record_failure(rank, f"rank {rank} gave up")
     print(f"rank {rank} gave up", file=sys.stderr)
+    open(os.path.join(os.environ["OUT"], f"failed{rank}"), "w").close()
     sys.exit(3)
 if act == "crash":
     print("a last line before the crash", file=sys.stderr)
@@ -60,7 +64,8 @@ def test_the_first_failure_is_named_and_the_others_stopped(program: list[str], t
     is stopped instead of waited for."""
     started = time.monotonic()
     outcome = run_ranks(program, 3, tmp_path / "logs", 120, env=env(tmp_path),
-                        rank_env={0: {"ACT": "hang"}, 1: {"ACT": "fail", "DELAY": "0.3"}, 2: {"ACT": "fail"}})
+                        rank_env={0: {"ACT": "hang"}, 1: {"ACT": "fail", "AFTER": "2", "DELAY": "0.3"},
+                                          2: {"ACT": "fail"}})
     assert time.monotonic() - started < 60
     assert not outcome.ok and not outcome.timed_out
     assert outcome.failure is not None and (outcome.failure.rank, outcome.failure.message) == (2, "rank 2 gave up")
