@@ -15,7 +15,7 @@ Family = Literal["sdxl", "sd3", "sd15", "pixart", "flux"]
 FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "sd15", "pixart", "flux")
 # Small trained checkpoints that ship inside the worker (``builtin://NAME``), by name: their family. Trained from
 # scratch on the sample images of scikit-image and scikit-learn (stadi bench train; README, "Built-in models").
-BUILTIN_MODELS: dict[str, str] = {"sdxl-small": "sdxl", "sd3-small": "sd3"}
+BUILTIN_MODELS: dict[str, str] = {"sdxl-small": "sdxl", "sd3-small": "sd3", "flux-small": "flux"}
 # Guidance-distilled families: the guidance scale is an input of their one forward per step (FLUX.1-dev's
 # guidance embedding), so no unconditional branch exists to run, split or stride.
 GUIDANCE_DISTILLED: tuple[str, ...] = ("flux",)

@@ -97,4 +97,6 @@ def add_train_arguments(p: Any) -> None:
     p.add_argument("--bank", type=int, default=8192, help="augmented images encoded once for the denoiser's steps")
     p.add_argument("--max-seconds", type=float, help="safety stop: end each phase early rather than run longer "
                    "(the steps run are recorded in train.json)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="the denoiser's training arithmetic on a GPU (bf16 autocast or float32)")
     p.add_argument("--samples", help="also write a grid of one sample per caption into this directory")

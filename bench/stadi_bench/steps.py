@@ -45,8 +45,8 @@ def _image_s(fn: Any) -> float:
 
 
 def by_hand(ops: Any, spec: DiffusionJobSpec, denoiser: Any) -> float:
-    """Seconds of one image: ``denoiser`` (compiled) captured by hand as one CUDA graph of the guided step,
-    replayed at every step, the scheduler stepping in between; no engine."""
+    """Seconds of one image: the prompt encoded, then ``denoiser`` (compiled) captured by hand as one CUDA graph
+    of the guided step, replayed at every step, the scheduler stepping in between; no engine."""
     from stadi_worker.engine.bands import guide
     from stadi_worker.engine.sampling import initial_noise, job_sampler
     from stadi_worker.models.base import batch_branches
@@ -73,6 +73,9 @@ def by_hand(ops: Any, spec: DiffusionJobSpec, denoiser: Any) -> float:
             eps = step()
 
         def image() -> None:
+            # the prompt is encoded inside the timed image, as the worker's image encodes it
+            for key, value in batch_branches(ops.encode(spec, spec.prompts[0], spec.uses_cfg), branches).items():
+                cond[key].copy_(value)
             latents = x
             for index in range(spec.steps):
                 static_x.copy_(sampler.scale(latents, index))

@@ -38,7 +38,7 @@ class Figures:
     seam: float | None  # mean seam score; None: the plan has no band edge
 
 
-# Copied from bench/results/fidelity-sdxl-small.json and fidelity-sd3-small.json (``results``: each plan's mean
+# Copied from bench/results/fidelity-{sdxl,sd3,flux}-small.json (``results``: each plan's mean
 # ``psnr``, the lowest ``cases[].psnr``, ``seam``), which tests/unit/test_planner_fidelity.py keeps equal: the
 # built-in trained models, float32, 256^2, 30 steps, 4 warmup steps, 2 Gloo ranks, 16 cases.
 # Names as `stadi bench fidelity --plans` takes them (``bench_name``): a plan measured later under its name
@@ -74,10 +74,16 @@ MEASURED: dict[str, dict[str, Figures]] = {
         "cfg-stride+band:1-2": Figures(30.939, 23.148, 1.107),
         "cfg-stride+band:1-3": Figures(29.093, 23.852, 1.0598),
     },
+    "flux": {
+        "exact": Figures(100.0, 100.0, 1.0),
+        "patch": Figures(54.724, 47.044, 0.9955),
+        "stadi:1-2": Figures(45.662, 38.727, 0.9555),
+        "stadi:1-3": Figures(42.118, 36.247, 0.9329),
+    },
 }
 # Families not measured take their kind's figures, as stadi/families.py takes their cost constants (UNet: SDXL,
 # DiT: SD3).
-MEASURED_AS: dict[str, str] = {"sdxl": "sdxl", "sd15": "sdxl", "sd3": "sd3", "pixart": "sd3", "flux": "sd3"}
+MEASURED_AS: dict[str, str] = {"sdxl": "sdxl", "sd15": "sdxl", "sd3": "sd3", "pixart": "sd3", "flux": "flux"}
 
 # The classes auto may pick under each spec.parallelism.quality.
 ADMITS: dict[str, tuple[str, ...]] = {
@@ -90,7 +96,10 @@ ADMITS: dict[str, tuple[str, ...]] = {
 def bench_name(strategy: str, strides: Sequence[int]) -> str:
     """The two-rank plan measured for this one, named as ``stadi bench fidelity --plans`` takes it:
     ``stadi:1-k``, ``cfg-stride:1-k`` and ``cfg-stride+band:1-k`` with k the largest stride, ``patch`` for
-    stadi+cfg's bands (stride 1, stale context, like patch's), else the strategy's name."""
+    stadi with every stride 1 and for stadi+cfg's bands (stride 1, stale context, like patch's), else the
+    strategy's name."""
+    if strategy == "stadi" and max(strides) == 1:
+        return "patch"  # the same plan: where both were measured, their figures are equal
     if strategy in ("stadi", "cfg-stride", "cfg-stride+band"):
         return f"{strategy}:1-{max(strides)}"
     if strategy == "stadi+cfg":

@@ -18,11 +18,12 @@ def _spec(family: str) -> DiffusionJobSpec:
 
 
 @pytest.mark.parametrize(("family", "rows", "batch"), [("sdxl", (8,), 2), ("sd3", (6, 10), 2), ("flux", (6, 10), 1)])
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...], batch: int, tiny_dir,
                                               model_cache) -> None:
     """The compiled share (dynamic shapes) predicts what the eager share does in a synchronous step, a window start
     and a local step; dynamo really traced the band step, and a second band height (a re-plan's) compiled
-    nothing new."""
+    nothing new. No frame falls back to eager for lack of recompiles (SDXL's wrapped GroupNorms did)."""
     from stadi_bench.band_steps import band_share
     from stadi_bench.steps import band_plan
     from stadi_worker.engine.bands import Workspace
@@ -45,7 +46,7 @@ def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...]
                 out[name] = {phase: step(phase) for phase in ("sync", "exchange", "local")}
             if name == "compiled":
                 [module] = ws._compiled.values()
-                assert module._orig_mod is ops.denoiser
+                assert module.compiled._orig_mod is ops.denoiser
         traced.append(counters["stats"]["unique_graphs"])
         for phase, eager in out["eager"].items():
             assert eager.shape[-2] == height

@@ -47,8 +47,9 @@ def test_a_few_steps_make_a_checkpoint_the_worker_loads(family: str, tmp_path: P
     torch.set_num_threads(2)
     out = tmp_path / family
     record = train(family, out, size=64, device="cpu", seed=0, vae_steps=2, steps=2, batch=4, vae_batch=2,
-                   lr=1e-3, text_lr=3e-4, vae_lr=1e-3, bank=256)
+                   lr=1e-3, text_lr=3e-4, vae_lr=1e-3, bank=256, precision="fp32")
     saved = json.loads((out / "train.json").read_text())
+    assert saved["precision"] == "fp32"  # the denoiser's arithmetic is recorded (bf16 autocast on a GPU by default)
     assert saved == json.loads(json.dumps(record)) and saved["steps_run"] == 2 and saved["vae_steps_run"] == 2
     assert saved["captions"] == list(CAPTIONS) and saved["megabytes"] < 16
     assert (saved["vae_shift_factor"] is not None) == (family in ("sd3", "flux"))  # their VAEs shift latents

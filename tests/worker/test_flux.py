@@ -54,9 +54,12 @@ def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10((ref.max() - ref.min()).square() / (x - ref).square().mean()))
 
 
-def test_the_serial_loop_equals_diffusers_flux_pipeline(tiny_dir, model_cache: Path) -> None:
+@pytest.mark.parametrize(("source", "size"), [("random://tiny", None), ("builtin://flux-small", 256)])
+def test_the_serial_loop_equals_diffusers_flux_pipeline(tiny_dir, model_cache: Path, source: str,
+                                                        size: int | None) -> None:
     """Our serial loop (packed bands of one, ids, guidance embedding, the resolution-dependent shift) and
-    FluxPipeline on the same checkpoint, prompt and initial noise: the same final latent."""
+    FluxPipeline on the same checkpoint, prompt and initial noise: the same final latent (the random tiny model
+    and the trained one)."""
     from stadi_worker.engine.sampling import initial_noise, job_sampler
     from stadi_worker.engine.serial import generate_serial
     from stadi_worker.job.loading import load_pipeline
@@ -67,7 +70,9 @@ def test_the_serial_loop_equals_diffusers_flux_pipeline(tiny_dir, model_cache: P
 
     torch.set_num_threads(1)
     tiny_dir("flux")
-    spec = DiffusionJobSpec.model_validate(job_spec("flux", guidance=3.5))
+    doc = job_spec("flux", guidance=3.5)
+    doc["model"]["source"] = source
+    spec = DiffusionJobSpec.model_validate(doc | ({"height": size, "width": size} if size else {}))
     pipe = load_pipeline(spec.model, "cpu", model_cache)
     ops = ops_for(pipe, "flux")
     ours = generate_serial(pipe, spec, PROMPT, SEED).latents

@@ -71,11 +71,12 @@ def latent_bank(vae: Any, batches: Batches, size: int, chunk: int = 256) -> tupl
 
 
 def train_denoiser(ops: ModelOps, batches: Batches, steps: int, batch: int, lr: float, text_lr: float,
-                   seed: int, bank: int = 8192, drop: float = 0.1, deadline: Deadline | None = None
-                   ) -> dict[str, float]:
+                   seed: int, bank: int = 8192, drop: float = 0.1, deadline: Deadline | None = None,
+                   precision: str = "bf16") -> dict[str, float]:
     """Train the denoiser and the text encoders of ``ops.pipe`` in place, ``steps`` steps of ``batch`` latents
     drawn from a bank of ``bank`` augmented images, each caption dropped with probability ``drop`` (fewer steps
-    if ``deadline`` passes first); returns the final loss, the steps run and the time."""
+    if ``deadline`` passes first), under ``precision`` (``autocast``); returns the final loss, the steps run and
+    the time."""
     pipe = ops.pipe
     device = ops.device
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
@@ -100,7 +101,7 @@ def train_denoiser(ops: ModelOps, batches: Batches, steps: int, batch: int, lr: 
         # every caption once, plus the unconditional inputs at index len(CAPTIONS) for the dropped ones (a
         # guidance-distilled family has no unconditional branch: nothing is dropped)
         dropped = torch.rand(batch, generator=gen).to(device) < drop
-        with autocast(device):
+        with autocast(device, precision):
             branches = ops.encode(spec, list(CAPTIONS), guidance=True)
             uncond = branches.get("uncond")
             if uncond is None:

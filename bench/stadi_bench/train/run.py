@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def train(family: str, out: Path, *, size: int, device: str, seed: int, vae_steps: int, steps: int, batch: int,
           vae_batch: int, lr: float, text_lr: float, vae_lr: float, bank: int, max_seconds: float | None = None,
-          samples_dir: Path | None = None) -> dict[str, Any]:
+          samples_dir: Path | None = None, precision: str = "bf16") -> dict[str, Any]:
     """Train the small model of ``family`` and save it to ``out``; returns the record written to train.json.
     ``max_seconds`` is a safety stop: each phase ends early if the run would outlast it, and the steps run are
     recorded."""
@@ -45,7 +45,7 @@ def train(family: str, out: Path, *, size: int, device: str, seed: int, vae_step
         "family": family, "size": size, "seed": seed, "device": torch.cuda.get_device_name(dev)
         if dev.type == "cuda" else f"CPU ({platform.machine()})", "vae_steps": vae_steps, "steps": steps,
         "batch": batch, "vae_batch": vae_batch, "lr": lr, "text_lr": text_lr, "vae_lr": vae_lr, "bank": bank,
-        "max_seconds": max_seconds,
+        "max_seconds": max_seconds, "precision": precision,
         "images": len(samples), "captions": list(CAPTIONS), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in ops.pipe.components.items()
                        if isinstance(m, torch.nn.Module)}}
@@ -58,7 +58,7 @@ def train(family: str, out: Path, *, size: int, device: str, seed: int, vae_step
     record["vae_scaling_factor"] = ops.pipe.vae.config.scaling_factor
     record["vae_shift_factor"] = ops.pipe.vae.config.shift_factor
     record |= train_denoiser(ops, Batches.of(samples, size, dev, seed + 2), steps, batch, lr, text_lr, seed + 3,
-                             bank=bank, deadline=deadline)
+                             bank=bank, deadline=deadline, precision=precision)
     if samples_dir is not None:
         samples_dir.mkdir(parents=True, exist_ok=True)
         sample_grid(ops, list(CAPTIONS), size).save(samples_dir / f"samples-{family}.png")
@@ -76,6 +76,7 @@ def command(args: Any) -> int:
     record = train(args.family, Path(args.out), size=args.size, device=device, seed=args.seed,
                    vae_steps=args.vae_steps, steps=args.steps, batch=args.batch, vae_batch=args.vae_batch,
                    lr=args.lr, text_lr=args.text_lr, vae_lr=args.vae_lr, bank=args.bank,
-                   max_seconds=args.max_seconds, samples_dir=Path(args.samples) if args.samples else None)
+                   max_seconds=args.max_seconds, samples_dir=Path(args.samples) if args.samples else None,
+                   precision=args.precision)
     print(json.dumps({k: v for k, v in record.items() if k not in ("captions", "parameters")}, indent=1))
     return 0

@@ -55,9 +55,9 @@ class Ema:
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device) -> Iterator[None]:
-    """bfloat16 autocast on a GPU; plain float32 on the CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, precision: str = "bf16") -> Iterator[None]:
+    """bfloat16 autocast on a GPU (``precision`` "bf16"); plain float32 on the CPU or with "fp32"."""
+    if device.type == "cuda" and precision == "bf16":
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yield
     else:
