@@ -14,8 +14,9 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint setup testbin plan crd clean
 
-# The e2e tests' control-plane binaries (kube-apiserver & co. built from Go modules, etcd, kwok, kubectl, helm),
-# cached under $(CACHE)/testbin: about half an hour the first time on 2 cores, a second afterwards.
+# The e2e tests' control-plane binaries (kube-apiserver & co. built from Go modules, etcd, kwok, kubectl, helm,
+# and Kueue with its CRDs), cached under $(CACHE)/testbin: about half an hour the first time on 2 cores, a second
+# afterwards.
 # STADI_E2E=0 skips them (and the e2e tests skip themselves).
 TESTBIN := $(if $(filter 0,$(STADI_E2E)),,testbin)
 

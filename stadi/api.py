@@ -576,7 +576,7 @@ class Plan(BaseModel):
 
 # --- status ---------------------------------------------------------------------------------------------
 
-Phase = Literal["Pending", "Planning", "Scheduling", "Running", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Planning", "Queued", "Scheduling", "Running", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(Model):

@@ -69,6 +69,11 @@ class Custom:
         return method(group=self.group, version=self.version, namespace=namespace, plural=self.plural, **kwargs)
 
 
+# Cluster-scoped custom resources the controller reads (``Kube.get_cluster``).
+CLUSTER_RESOURCES: dict[str, Custom] = {
+    "WorkloadPriorityClass": Custom("kueue.x-k8s.io", "v1beta2", "workloadpriorityclasses"),
+}
+
 RESOURCES: dict[str, Builtin | Custom] = {
     "ConfigMap": Builtin(k8s.CoreV1Api, "config_map"),
     "Service": Builtin(k8s.CoreV1Api, "service"),
@@ -79,6 +84,7 @@ RESOURCES: dict[str, Builtin | Custom] = {
     "RoleBinding": Builtin(k8s.RbacAuthorizationV1Api, "role_binding"),
     "ResourceClaimTemplate": Builtin(k8s.ResourceV1Api, "resource_claim_template"),
     "PodGroup": Custom("scheduling.volcano.sh", "v1beta1", "podgroups"),
+    "Workload": Custom("kueue.x-k8s.io", "v1beta2", "workloads"),
     "DiffusionJob": Custom(GROUP, VERSION, "diffusionjobs"),
 }
 
@@ -114,6 +120,19 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+
+    def get_cluster(self, kind: str, name: str) -> dict[str, Any] | None:
+        """A cluster-scoped custom object (``CLUSTER_RESOURCES``), or None when there is none."""
+        resource = CLUSTER_RESOURCES[kind]
+        try:
+            response = k8s.CustomObjectsApi(self.client).get_cluster_custom_object(
+                resource.group, resource.version, resource.plural, name, _preload_content=False,
+                _request_timeout=self.timeout)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return json.loads(response.data) if response.data else {}
 
     def list(self, kind: str, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Objects of a kind, filtered by labels on the server and again here (cheap, and exact)."""

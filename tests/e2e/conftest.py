@@ -1,5 +1,5 @@
 """E2E fixtures: one real control plane (etcd, kube-apiserver, controller-manager, scheduler) with kwok's fake
-GPU nodes for the whole session.
+GPU nodes and Kueue (its CRDs and manager; no admission webhooks) for the whole session.
 
 Fixtures (for every test module under tests/e2e):
 
@@ -44,17 +44,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.environ.get("STADI_E2E") == "0":
         for item in ours:
             item.add_marker(pytest.mark.skip(reason="STADI_E2E=0: no end-to-end tests"))
-    elif not testbin.ready():
+    elif not (testbin.ready() and testbin.kueue_ready()):
         for item in ours:
             item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
 def dev_cluster() -> Iterator[DevCluster]:
-    """The session's control plane with fake GPU nodes; stopped at the end (and at exit, whatever happens)."""
+    """The session's control plane with fake GPU nodes and Kueue; stopped at the end (and at exit, whatever
+    happens)."""
     if not testbin.ready():
         testbin.prepare()
-    cluster = DevCluster(log=print)
+    testbin.prepare_kueue()
+    cluster = DevCluster(kueue=True, log=print)
     try:
         cluster.start()
         yield cluster

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.asyncio
 
 RESOURCES = ("v1/pods", "v1/configmaps", "v1/services", "v1/serviceaccounts", "v1/events",
              "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings",
-             "resource.k8s.io/v1/resourceclaimtemplates", JOB)
+             "resource.k8s.io/v1/resourceclaimtemplates", "kueue.x-k8s.io/v1beta2/workloads", JOB)
+WORKLOADS = "kueue.x-k8s.io/v1beta2/workloads"
 
 
 def gpu_node(name: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3") -> dict[str, Any]:
@@ -228,11 +229,10 @@ async def test_409_on_create_adopts_the_object_that_won_the_race(cluster: Cluste
 
 
 async def test_adoption_keeps_other_owners_and_children_keep_their_own_labels(cluster: Cluster) -> None:
-    """An orphan child with a non-controller owner is adopted beside it; the job's own labels (a Kueue queue
-    name) never reach its children."""
+    """An orphan child with a non-controller owner is adopted beside it; the job's own labels never reach its
+    children (a Kueue queue name there would make Kueue gate the pods themselves)."""
     cluster.add_job()
-    cluster.server.objects[JOB, NS, "cats"].patch(
-        {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpu-queue"}}})
+    cluster.server.objects[JOB, NS, "cats"].patch({"metadata": {"labels": {"team": "vision"}}})
     other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "keeper", "uid": "uid-keeper"}
     cluster.server.objects["v1/serviceaccounts", NS, "cats-worker"] = {
         "apiVersion": "v1", "kind": "ServiceAccount",
@@ -243,7 +243,7 @@ async def test_adoption_keeps_other_owners_and_children_keep_their_own_labels(cl
     assert refs == [other, {"apiVersion": "stadi.dev/v1alpha1", "kind": "DiffusionJob", "name": "cats",
                             "uid": "uid-cats", "controller": True, "blockOwnerDeletion": True}]
     for pod in cluster.pods().values():
-        assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+        assert "team" not in pod["metadata"]["labels"]
         assert pod["metadata"]["labels"]["stadi.dev/job"] == "cats"
 
 
@@ -663,3 +663,115 @@ async def test_a_job_on_gpus_published_through_dra_gets_claim_templates(cluster:
     await cluster.create("dogs")
     assert cluster.status("dogs")["phase"] == "Planning"
     assert cluster.condition("Planned", "dogs")["status"] == "False"
+
+
+# --- Kueue --------------------------------------------------------------------------------------------------
+
+
+def _queued(cluster: Cluster, **labels: str) -> None:
+    cluster.runtime.kueue = True
+    cluster.add_job(parallelism={"gpus": {"min": 3}})
+    cluster.server.objects[JOB, NS, "cats"].patch(
+        {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpus", **labels}}})
+
+
+def _kueue_sets(cluster: Cluster, name: str, *conditions: tuple[str, str]) -> None:
+    """What Kueue writes: the Workload's conditions."""
+    cluster.server.objects[WORKLOADS, NS, name].patch({"status": {"conditions": [
+        {"type": kind, "status": "True", "reason": reason, "message": f"{kind} by Kueue"}
+        for kind, reason in conditions]}})
+
+
+async def test_a_queued_job_waits_for_kueue_then_runs_and_hands_the_quota_back(cluster: Cluster) -> None:
+    """Planned, the attempt's Workload says what its pods will request and no pod exists until Kueue admits it;
+    admitted, the pods start; finished, the Workload is deleted (its quota goes back to the queue)."""
+    _queued(cluster)
+    await cluster.create()
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Queued" and cluster.pods() == {}
+    assert cluster.status()["attempts"] == 1 and cluster.condition("Planned")["status"] == "True"
+    admitted = cluster.condition("Admitted")
+    assert (admitted["status"], admitted["reason"]) == ("False", "Queued") and "queue gpus" in admitted["message"]
+    [workload] = cluster.live(WORKLOADS).values()
+    assert workload["metadata"]["name"] == "cats-a1" and workload["spec"]["queueName"] == "gpus"
+    assert workload["metadata"]["ownerReferences"][0]["uid"] == "uid-cats"
+    requests = sorted((ps["count"], ps["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"])
+                      for ps in workload["spec"]["podSets"])
+    assert requests == [(1, "1"), (1, "2")]  # the plan's two pods, 1 and 2 GPUs
+    assert "Queued" in cluster.reasons() and "Planned" not in cluster.reasons()
+
+    _kueue_sets(cluster, "cats-a1", ("QuotaReserved", "QuotaReserved"), ("Admitted", "Admitted"))
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Scheduling" and sorted(cluster.pods()) == ["cats-a1-0", "cats-a1-1"]
+    assert cluster.condition("Admitted")["status"] == "True" and "Admitted" in cluster.reasons()
+    for name in cluster.pods():
+        cluster.set_pod(name, "Succeeded")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Succeeded" and cluster.live(WORKLOADS) == {}
+    assert cluster.phases() == ["Pending", "Planning", "Queued", "Scheduling", "Succeeded"]
+
+
+async def test_an_evicted_job_stops_its_pods_and_queues_its_next_attempt(cluster: Cluster) -> None:
+    """Kueue preempts the running attempt: its pods stop, its Workload goes, and attempt 2 queues with a
+    Workload of its own; a resume, not a retry (backoffLimit 0 still allows it)."""
+    _queued(cluster)
+    cluster.server.objects[JOB, NS, "cats"].patch({"spec": {"backoffLimit": 0}})
+    await cluster.create()
+    _kueue_sets(cluster, "cats-a1", ("Admitted", "Admitted"))
+    await cluster.call(handlers.reconcile)
+    for name in cluster.pods():
+        cluster.set_pod(name, "Running")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Running"
+
+    _kueue_sets(cluster, "cats-a1", ("Admitted", "Admitted"), ("Evicted", "Preempted"))
+    await cluster.call(handlers.reconcile)
+    status = cluster.status()
+    assert (status["phase"], status["attempts"], status["resumes"]) == ("Queued", 2, 1)
+    assert cluster.pods() == {} and list(cluster.live(WORKLOADS)) == ["cats-a2"]
+    assert "Preempted" in cluster.condition("Scheduled")["message"]
+    assert "Evicted" in cluster.reasons()
+    _kueue_sets(cluster, "cats-a2", ("Admitted", "Admitted"))
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Scheduling" and sorted(cluster.pods()) == ["cats-a2-0", "cats-a2-1"]
+
+
+async def test_suspending_a_queued_job_gives_its_place_up(cluster: Cluster) -> None:
+    _queued(cluster)
+    await cluster.create()
+    _suspend(cluster, True, 2)
+    await cluster.call(handlers.respec)
+    assert cluster.status()["phase"] == "Suspended" and cluster.live(WORKLOADS) == {}
+    _suspend(cluster, False, 3)
+    await cluster.call(handlers.respec)
+    assert cluster.status()["phase"] == "Queued" and list(cluster.live(WORKLOADS)) == ["cats-a2"]
+
+
+async def test_a_priority_class_gives_the_workload_its_priority(cluster: Cluster) -> None:
+    classes = "kueue.x-k8s.io/v1beta2/workloadpriorityclasses"
+    cluster.server.resources[classes] = kmocklib.ResourceInfo(namespaced=False)
+    cluster.server.objects[classes, None, "urgent"] = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": "urgent"},
+        "value": 1000}
+    _queued(cluster, **{"kueue.x-k8s.io/priority-class": "urgent"})
+    await cluster.create()
+    spec = cluster.live(WORKLOADS)["cats-a1"]["spec"]
+    assert spec["priority"] == 1000 and spec["priorityClassRef"] == {
+        "group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass", "name": "urgent"}
+
+
+@pytest.mark.parametrize(("kueue", "labels", "expected"), [
+    (False, {}, "names queue 'gpus', but this cluster serves no Kueue Workloads"),
+    (True, {"kueue.x-k8s.io/priority-class": "nope"},
+     "metadata.labels[kueue.x-k8s.io/priority-class]: no WorkloadPriorityClass 'nope'"),
+])
+async def test_a_queue_the_cluster_cannot_give_fails_the_job_naming_the_label(
+        cluster: Cluster, kueue: bool, labels: dict[str, str], expected: str) -> None:
+    cluster.server.resources["kueue.x-k8s.io/v1beta2/workloadpriorityclasses"] = kmocklib.ResourceInfo(
+        namespaced=False)
+    _queued(cluster, **labels)
+    cluster.runtime.kueue = kueue
+    await cluster.create()
+    assert cluster.status()["phase"] == "Failed" and cluster.pods() == {}
+    failed = cluster.condition("Failed")
+    assert failed["reason"] == "QueueUnavailable" and expected in failed["message"]

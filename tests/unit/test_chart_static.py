@@ -112,12 +112,14 @@ OPERATOR_JOB_RIGHTS = {
     *expand("rbac.authorization.k8s.io", "roles rolebindings", "get create patch"),
     *expand("", "events", "create"),
     *expand("resource.k8s.io", "resourceclaimtemplates", "get create patch"),
+    *expand("kueue.x-k8s.io", "workloads", "get create patch delete"),  # a queued job's Workload per attempt
     *expand("scheduling.volcano.sh", "podgroups", "get create patch delete"),
 }
 OPERATOR_INVENTORY_RIGHTS = {
     *expand("", "nodes", "list watch"),
     *expand("stadi.dev", "gpunodes", "list watch"),
     *expand("resource.k8s.io", "resourceslices resourceclaims", "list watch"),  # GPUs published through DRA
+    *expand("kueue.x-k8s.io", "workloadpriorityclasses", "get"),  # a queued job's priority
     *expand("apiextensions.k8s.io", "customresourcedefinitions", "list watch"),  # kopf's resource observation
 }
 NAMESPACE_OBSERVATION = set(expand("", "namespaces", "list watch"))  # kopf, when it serves a namespace list

@@ -117,6 +117,11 @@ kopf): one set of rules, bound cluster-wide (all namespaces) or per watched name
 - apiGroups: ["resource.k8s.io"]
   resources: ["resourceclaimtemplates"]
   verbs: ["get", "create", "patch"]
+# Kueue: a queued job's Workload per attempt, created, read back for admission or eviction, deleted when the
+# attempt ends (Kueue writes its status).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- if ne .Values.operator.volcano "off" }}
 - apiGroups: ["scheduling.volcano.sh"]
   resources: ["podgroups"]

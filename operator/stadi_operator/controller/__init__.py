@@ -10,6 +10,9 @@ Lifecycle (``status.phase``)::
 
     spec.suspend true: Planning/Scheduling/Running --> Suspended (pods stopped); false: --> Planning, attempt + 1
 
+    In a Kueue queue (label kueue.x-k8s.io/queue-name): plan --> Queued (the attempt's Workload created, no pods)
+    --Kueue admits it--> Scheduling; Kueue evicts it --> pods stopped, Workload deleted, the next attempt Queued
+
 * ``admit`` and ``plan`` are two create/resume handlers: kopf runs one per cycle and applies its status patch
   before the next, so Planning is visible while the planner runs.
 * ``reconcile`` is a timer: it lists the job's pods and moves the phase; it is level-triggered, so an operator
@@ -42,7 +45,8 @@ Modules, each importing only those above it:
 - ``runtime``: what every handler needs (settings, API adapter, book, clock) and one run's view of a job.
 - ``admission``: the spec checked by the pydantic model, and the InvalidSpec verdict.
 - ``adoption``: create a child unless it exists, adopt an orphan, read back a committed plan.
-- ``launch``: start an attempt: plan (or adopt the committed plan) and create its children.
+- ``queueing``: Kueue: the attempt's Workload, whether it is admitted or evicted, its release.
+- ``launch``: start an attempt: plan (or adopt the committed plan), wait for Kueue if queued, create its children.
 - ``lifecycle``: the pods of an attempt move the phase: retry, fail, succeed, suspend, resume, deadline, TTL.
 - ``handlers``: the thin kopf handlers and :func:`~stadi_operator.controller.handlers.register`.
 """

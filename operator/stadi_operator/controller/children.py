@@ -3,8 +3,9 @@
 Children: ConfigMap ``<job>-plan`` (plan.json, job.json), headless Service ``<job>`` (rank 0's DNS name),
 ServiceAccount/Role/RoleBinding ``<job>-worker`` (the Role allows only patching this job's status, for
 progress), optionally a Volcano PodGroup, and one worker pod per planned node running torchrun with one
-process per planned GPU. Every child carries a controller ownerReference to the job (kopf's), so deleting the
-job deletes them (outputs in object storage stay).
+process per planned GPU. A job in a Kueue queue also gets a Workload per attempt (``workload``), created before
+the rest, which wait for Kueue to admit it. Every child carries a controller ownerReference to the job (kopf's),
+so deleting the job deletes them (outputs in object storage stay).
 """
 
 from __future__ import annotations
@@ -131,6 +132,10 @@ def plan_name(job: str) -> str:
 
 
 def pod_group_name(job: str, attempt: int) -> str:
+    return f"{job}-a{attempt}"
+
+
+def workload_name(job: str, attempt: int) -> str:
     return f"{job}-a{attempt}"
 
 
@@ -330,6 +335,34 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
             **spec_extra,
         },
     })
+
+
+def workload(owner: Owner, queue: str, attempt: int, pods: list[dict[str, Any]],
+             priority: tuple[str, int] | None = None) -> dict[str, Any]:
+    """The Kueue Workload of an attempt: what its worker pods request, for Kueue to weigh against the quota of
+    ``queue`` (a LocalQueue) before any of them exists. Pods that request the same resources form one pod set
+    (Kueue takes at most 8); the template keeps only what Kueue reads for quota: requests, node selector and
+    tolerations. ``priority``: a WorkloadPriorityClass's name and value."""
+    sets: dict[str, dict[str, Any]] = {}
+    for pod in pods:
+        spec = pod["spec"]
+        container = spec["containers"][0]
+        template = {"spec": {
+            "restartPolicy": "Never", "nodeSelector": {k: v for k, v in spec["nodeSelector"].items()
+                                                       if k != "kubernetes.io/hostname"},
+            "tolerations": spec["tolerations"],
+            "containers": [{"name": container["name"], "image": container["image"],
+                            "resources": {k: v for k, v in container["resources"].items() if k != "claims"}}],
+        }}
+        key = json.dumps(template, sort_keys=True)
+        entry = sets.setdefault(key, {"name": f"workers-{len(sets)}", "count": 0, "template": template})
+        entry["count"] += 1
+    body: dict[str, Any] = {"queueName": queue, "podSets": list(sets.values())}
+    if priority is not None:
+        body |= {"priorityClassRef": {"group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass",
+                                      "name": priority[0]}, "priority": priority[1]}
+    return owned(owner, {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+                         "metadata": _meta(owner, workload_name(owner.name, attempt)), "spec": body})
 
 
 def children(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int, options: WorkerOptions,

@@ -23,13 +23,14 @@ from stadi_operator.controller.indexes import (
     stadi_nodes,
     stadi_telemetry,
 )
-from stadi_operator.controller.launch import launch
+from stadi_operator.controller.launch import admit_queued, launch
 from stadi_operator.controller.lifecycle import (
     deadline_passed,
     expire,
     fail,
     owned_pods,
     progress_text,
+    requeue_if_evicted,
     resume,
     stop,
     suspend,
@@ -145,8 +146,11 @@ def reconcile(patch: kopf.Patch, **kwargs: Any) -> None:
                      f"{job.runtime.settings.unschedulable_timeout:g} s: {planned.get('message', '')}")
             else:
                 launch(job, spec_job)
-    else:
-        watch_pods(job, spec_job)
+    elif not requeue_if_evicted(job, spec_job):
+        if st.phase == "Queued":
+            admit_queued(job, spec_job)
+        else:
+            watch_pods(job, spec_job)
     progress_text(job)
     st.apply(patch)
 
@@ -162,8 +166,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
         kube = Kube.from_environment(options.request_timeout)
         volcano = options.volcano == "on" or (
             options.volcano == "auto" and kube.has_resource("scheduling.volcano.sh/v1beta1", "podgroups"))
-        memo.runtime = Runtime(options, kube, volcano)
-    logger.info(f"stadi operator ready: volcano={memo.runtime.volcano}")
+        kueue = kube.has_resource("kueue.x-k8s.io/v1beta2", "workloads")
+        memo.runtime = Runtime(options, kube, volcano, kueue)
+    logger.info(f"stadi operator ready: volcano={memo.runtime.volcano} kueue={memo.runtime.kueue}")
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,

@@ -1,6 +1,6 @@
 """The pod lifecycle of a job: its current attempt's pods move the phase (Running, Succeeded), a failed or
-unschedulable gang is retried without its nodes or fails the job, spec.suspend stops and resumes it, and the
-deadline and TTL end it."""
+unschedulable gang is retried without its nodes or fails the job, spec.suspend stops and resumes it, a Kueue
+eviction stops it and queues the next attempt, and the deadline and TTL end it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from stadi.api import DiffusionJob, Plan
 from stadi_operator.controller import children as ch
-from stadi_operator.controller import inventory, pods
+from stadi_operator.controller import inventory, pods, queueing
 from stadi_operator.controller.adoption import controlled_by
 from stadi_operator.controller.launch import launch
 from stadi_operator.controller.runtime import Job
@@ -36,6 +36,7 @@ def fail(job: Job, reason: str, message: str, found: Iterable[Mapping[str, Any]]
     """Phase Failed for ``reason``: stop the pods, set the condition, post the event."""
     st = job.status
     stop(job, found)
+    queueing.release(job)
     st.set(phase="Failed", completionTime=stamp(job.now))
     st.condition("Failed", "True", reason, message)
     job.event(reason, message, warning=True)
@@ -49,6 +50,7 @@ def suspend(job: Job, found: list[dict[str, Any]]) -> None:
         return
     stopped = stop(job, found)
     job.runtime.book.release(found)
+    queueing.release(job)
     attempt = int(st.get("attempts", 0))
     if job.runtime.volcano and attempt:
         job.kube.delete("PodGroup", job.namespace, ch.pod_group_name(job.name, attempt))
@@ -71,6 +73,28 @@ def resume(job: Job, spec_job: DiffusionJob) -> None:
     st.condition("Suspended", "False", "Resumed", "spec.suspend is false: planning on the GPUs free now")
     job.event("Resumed", "spec.suspend is false: planning again; images already written are skipped")
     launch(job, spec_job)
+
+
+def requeue_if_evicted(job: Job, spec_job: DiffusionJob) -> bool:
+    """Kueue evicted the current attempt's Workload (preempted, its queue stopped): stop the pods and queue the
+    next attempt, which backoffLimit does not count (``resumes``), as for a resume. True if it did."""
+    st = job.status
+    why = queueing.eviction(queueing.current(job))
+    if why is None:
+        return False
+    found = owned_pods(job)
+    stopped = stop(job, found)
+    job.runtime.book.release(found)
+    if job.runtime.volcano:
+        job.kube.delete("PodGroup", job.namespace, ch.pod_group_name(job.name, int(st.get("attempts", 0))))
+    message = (f"Kueue evicted attempt {st.get('attempts')} ({why}): {stopped} worker pod(s) stopped; the images "
+               "written so far are kept, and the next attempt queues again")
+    st.set(resumes=int(st.get("resumes", 0)) + 1, startTime=stamp(job.now))
+    st.condition("Admitted", "False", "Evicted", message)
+    st.condition("Scheduled", "False", "Evicted", message)
+    job.event("Evicted", message, warning=True)
+    launch(job, spec_job)
+    return True
 
 
 def retry(job: Job, spec_job: DiffusionJob, nodes: Iterable[str], reason: str, message: str,
@@ -144,6 +168,7 @@ def watch_pods(job: Job, spec_job: DiffusionJob) -> None:
 def succeed(job: Job, spec_job: DiffusionJob) -> None:
     """Phase Succeeded: outputs, completed progress, conditions, event."""
     st = job.status
+    queueing.release(job)
     outputs = list(st.get("outputs", [])) or [spec_job.spec.output.uri.rstrip("/") + "/manifest.json"]
     st.set(phase="Succeeded", completionTime=stamp(job.now), outputs=outputs)
     # Rank 0 reports progress best-effort: if its last patch was lost, completion still shows. Only ever raised

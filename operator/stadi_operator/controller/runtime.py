@@ -28,6 +28,7 @@ class Runtime:
     settings: OperatorSettings
     kube: Kube
     volcano: bool = False
+    kueue: bool = False  # Kueue's Workload API is served
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     book: GpuBook = field(default_factory=lambda: GpuBook())
 

@@ -4,7 +4,8 @@ Processes: etcd, kube-apiserver (TLS with a CA made here, client-certificate use
 authorization, service-account token signing), kube-controller-manager (all controllers, each with its own
 service account: token controller, garbage collector, namespace deletion, …), kube-scheduler and kwok (the
 fake nodes of :mod:`.nodes` and the pod Stages of ``stages.yaml``). No kubelet, no container runtime, no
-network: pods are bound by the real scheduler and their status is written by kwok.
+network: pods are bound by the real scheduler and their status is written by kwok. Opt-in (``kueue=True``): the
+Kueue manager with its CRDs, from :func:`.testbin.prepare_kueue`.
 
 Typical use (the e2e fixture in ``tests/e2e/conftest.py`` does exactly this)::
 
@@ -45,7 +46,13 @@ STAGES = Path(__file__).with_name("stages.yaml")
 REPO_CRDS = Path(__file__).resolve().parents[3] / "manifests" / "crds"
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kueue")
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_WEBHOOK_SERVICE = "kueue-webhook-service"  # Kueue's defaults: its cert rotator checks the cert against them
+KUEUE_WEBHOOK_SECRET = "kueue-webhook-server-cert"
+# The CRDs whose conversion webhook Kueue's cert rotator injects its CA into (Kueue's kustomize patches give them
+# one); the manager never gets ready unless every one of them has a conversion webhook.
+KUEUE_CONVERSION_CRDS = ("localqueues", "clusterqueues", "workloads", "cohorts", "multikueueclusters")
 
 Log = Callable[[str], None]
 
@@ -73,14 +80,30 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+CA_EXT = ("-addext", "basicConstraints=critical,CA:TRUE",
+          "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature")
+
+
+def _issue_cert(d: Path, name: str, subj: str, usage: str, san: str | None, key: tuple[str, ...] = EC_KEY,
+                ca: str = "ca") -> None:
+    """``<name>.key`` and ``<name>.crt`` in ``d``, signed by ``<ca>.crt``/``<ca>.key`` there."""
+    ext = [f"extendedKeyUsage={usage}", "keyUsage=critical,digitalSignature,keyEncipherment",
+           "basicConstraints=CA:FALSE"]
+    if san:
+        ext.append(f"subjectAltName={san}")
+    (d / f"{name}.ext").write_text("\n".join(ext) + "\n")
+    _openssl("req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "3650", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=d)
+
+
 def make_pki(d: Path) -> None:
     """CA, apiserver serving cert, client certs (admin in system:masters, controller-manager, scheduler) and the
     service-account signing key, all EC P-256 (fast to generate: a fresh set per cluster)."""
     d.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
-             "-subj", "/CN=stadi-dev-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=d)
+    _openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
+             "-subj", "/CN=stadi-dev-ca", *CA_EXT, cwd=d)
     sans = ("IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
             "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
     certs = {
@@ -90,16 +113,40 @@ def make_pki(d: Path) -> None:
         "scheduler": ("/CN=system:kube-scheduler", "clientAuth", None),
     }
     for name, (subj, usage, san) in certs.items():
-        ext = [f"extendedKeyUsage={usage}", "keyUsage=critical,digitalSignature,keyEncipherment",
-               "basicConstraints=CA:FALSE"]
-        if san:
-            ext.append(f"subjectAltName={san}")
-        (d / f"{name}.ext").write_text("\n".join(ext) + "\n")
-        _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "3650", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=d)
+        _issue_cert(d, name, subj, usage, san)
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key", cwd=d)
     _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+
+
+def make_kueue_pki(d: Path) -> None:
+    """Kueue's webhook CA and serving cert in the form its cert rotator keeps as they are (what it would generate
+    instead only reaches the manager through a kubelet's Secret mount): a PKCS#1 RSA CA key, a CA with the DNS name
+    ``kueue-ca``, a serving cert for the webhook Service's name and for 127.0.0.1 (what the API server dials)."""
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl("genrsa", "-traditional", "-out", "kueue-ca.key", "2048", cwd=d)
+    _openssl("req", "-x509", "-new", "-key", "kueue-ca.key", "-out", "kueue-ca.crt", "-days", "3650",
+             "-subj", "/O=kueue/CN=kueue-ca", "-addext", "subjectAltName=DNS:kueue-ca", *CA_EXT, cwd=d)
+    _issue_cert(d, "kueue-webhook", f"/CN={KUEUE_WEBHOOK_SERVICE}.{KUEUE_NAMESPACE}.svc", "serverAuth",
+                f"DNS:{KUEUE_WEBHOOK_SERVICE}.{KUEUE_NAMESPACE}.svc,IP:127.0.0.1",
+                key=("-newkey", "rsa:2048", "-nodes"), ca="kueue-ca")
+
+
+def kueue_config(*, webhook_port: int, cert_dir: Path, health_port: int, metrics_port: int) -> dict[str, Any]:
+    """Kueue's Configuration for a manager outside the cluster: loopback ports, no leader election, only the
+    batch/job integration (an empty list means Kueue's default, which is the same), and no visibility server
+    (it would write self-signed certs to ``/visibility``)."""
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "leaderElection": {"leaderElect": False},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}"},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+        "internalCertManagement": {"enable": True, "webhookServiceName": KUEUE_WEBHOOK_SERVICE,
+                                   "webhookSecretName": KUEUE_WEBHOOK_SECRET},
+        "integrations": {"frameworks": ["batch/job"]},
+        "featureGates": {"VisibilityOnDemand": False},
+    }
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, *, cert: Path | None = None, key: Path | None = None,
@@ -131,6 +178,8 @@ class DevCluster:
     ``state_dir``: where certs, kubeconfigs, etcd data and logs go (default: a fresh temp dir, removed by
     :meth:`stop`). ``nodes``: the fake nodes created on start (``()`` for none). ``detach``: leave the processes
     running when this Python process exits (``stadi dev-cluster up``); otherwise :meth:`stop` runs at exit.
+    ``kueue``: also install Kueue's CRDs and run its manager (binaries from :func:`.testbin.prepare_kueue`; no
+    admission webhooks are registered, so Kueue's defaulting and validation webhooks do not run).
 
     Attributes after :meth:`start`: ``kubeconfig`` (admin, system:masters), ``server`` (https URL),
     ``ca_file``, ``bin`` (binary folder; ``bin / "helm"`` etc.), ``pids``.
@@ -140,6 +189,7 @@ class DevCluster:
     nodes: tuple[fake_nodes.GPUNodeSpec, ...] | list[fake_nodes.GPUNodeSpec] = fake_nodes.DEFAULT_NODES
     detach: bool = False
     crds: Path | None = None
+    kueue: bool = False
     log: Log = field(default=lambda msg: None, repr=False)
     bin: Path = field(default_factory=testbin.testbin_dir)
     pids: dict[str, int] = field(default_factory=dict)
@@ -193,6 +243,8 @@ class DevCluster:
         if not testbin.ready():
             raise ClusterError(f"test binaries missing in {testbin.testbin_dir()}: run `make testbin` "
                                "or `stadi dev-cluster prepare`")
+        if self.kueue and not testbin.kueue_ready():
+            raise ClusterError(f"Kueue missing in {testbin.kueue_dir()}: run `make testbin`")
         if not self.detach:
             atexit.register(self.stop)
         last: Exception | None = None
@@ -279,14 +331,58 @@ class DevCluster:
             self._wait(lambda: self._nodes_ready(names), deadline, f"{len(names)} fake nodes Ready")
         if self.crds:
             self.kubectl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(self.crds))
+        if self.kueue:
+            self._start_kueue(deadline)
         self._write_state()
         self.log(f"control plane up in {time.monotonic() - t0:.1f}s: {self.server}")
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _apply_kueue_crds(self, webhook_port: int) -> None:
+        """Kueue's CRDs, with the conversion webhooks its kustomize patches add pointed at the manager on loopback
+        (server-side apply: the Workload CRD is too big for kubectl's last-applied annotation)."""
+        crds = testbin.kueue_dir() / "crds"
+        self.kubectl("apply", "--server-side", "-f", str(crds))
+        conversion = {"spec": {"conversion": {"strategy": "Webhook", "webhook": {
+            "clientConfig": {"url": f"https://127.0.0.1:{webhook_port}/convert"},
+            "conversionReviewVersions": ["v1"]}}}}
+        for crd in KUEUE_CONVERSION_CRDS:
+            self.kubectl("patch", "crd", f"{crd}.kueue.x-k8s.io", "--type=merge", "-p", json.dumps(conversion))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(crds))
+
+    def _start_kueue(self, deadline: float) -> None:
+        """Kueue's CRDs, namespace and webhook Secret, then the manager with the admin kubeconfig; waits for its
+        /readyz (certificates in place, webhook server listening)."""
+        d = self._dir / "kueue"
+        ports = {"kueue-webhook": free_port(), "kueue-health": free_port(), "kueue-metrics": free_port()}
+        self.ports.update(ports)
+        self._apply_kueue_crds(ports["kueue-webhook"])
+        if not (d / "kueue-webhook.crt").exists():
+            make_kueue_pki(d)
+        # The serving cert where a kubelet would mount the Secret: Kueue's rotator waits for the file.
+        cert_dir = d / "serving-certs"
+        cert_dir.mkdir(exist_ok=True)
+        shutil.copyfile(d / "kueue-webhook.crt", cert_dir / "tls.crt")
+        shutil.copyfile(d / "kueue-webhook.key", cert_dir / "tls.key")
+        files = {"ca.crt": "kueue-ca.crt", "ca.key": "kueue-ca.key", "tls.crt": "kueue-webhook.crt",
+                 "tls.key": "kueue-webhook.key"}
+        self.apply([
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KUEUE_NAMESPACE}},
+            {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+             "metadata": {"name": KUEUE_WEBHOOK_SECRET, "namespace": KUEUE_NAMESPACE},
+             "stringData": {k: (d / f).read_text() for k, f in files.items()}},
+        ])
+        config = d / "config.yaml"  # JSON is YAML
+        config.write_text(json.dumps(kueue_config(webhook_port=ports["kueue-webhook"], cert_dir=cert_dir,
+                                                  health_port=ports["kueue-health"],
+                                                  metrics_port=ports["kueue-metrics"]), indent=2) + "\n")
+        self._spawn("kueue", [f"--kubeconfig={self.kubeconfig}", f"--config={config}"],
+                    exe=testbin.kueue_dir() / "kueue")
+        self._wait(lambda: _http_ok(f"http://127.0.0.1:{ports['kueue-health']}/readyz"), deadline, "kueue /readyz")
+
+    def _spawn(self, name: str, args: list[str], exe: Path | None = None) -> None:
         out = (self.logs / f"{name}.log").open("ab")
         # Own session = own process group: stop() kills the group, and ^C in a terminal does not reach it.
         # Attached clusters also die with this process even when it is SIGKILLed (no atexit then).
-        proc = subprocess.Popen([str(self.bin / name), *args], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([str(exe or self.bin / name), *args], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self._dir,
                                 preexec_fn=None if self.detach else _die_with_parent)
         out.close()
@@ -423,6 +519,14 @@ class DevCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
             time.sleep(0.2)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def kill_group(pid: int, proc: subprocess.Popen[bytes] | None = None, grace: float = 5.0) -> None:
