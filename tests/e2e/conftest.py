@@ -1,5 +1,5 @@
 """E2E fixtures: one real control plane (etcd, kube-apiserver, controller-manager, scheduler) with kwok's fake
-GPU nodes and Kueue (its CRDs and manager; no admission webhooks) for the whole session.
+GPU nodes and Kueue (its CRDs, manager and the webhooks of its own kinds) for the whole session.
 
 Fixtures (for every test module under tests/e2e):
 

@@ -1,6 +1,7 @@
 """DiffusionJobs in a Kueue queue on the real control plane, Kueue and the operator running: a job over the
 queue's GPU quota waits (phase Queued, no pods) and runs when the quota frees; a job of higher priority
-preempts a running one, whose pods stop and whose next attempt queues again and runs to success."""
+preempts a running one, whose pods stop and whose next attempt queues again and runs to success; a queue whose
+ResourceFlavors are GPU products charges the plan's GPUs to their product."""
 
 from __future__ import annotations
 
@@ -108,3 +109,31 @@ def test_a_higher_priority_job_preempts_and_the_preempted_one_finishes_later(sta
                             "involvedObject.name=low,involvedObject.kind=DiffusionJob",
                             "-o", "jsonpath={.items[*].reason}").stdout.split()
     assert {"Queued", "Admitted", "Evicted", "Succeeded"} <= set(reasons)
+
+
+def test_gpu_products_as_resource_flavors(stadi: Stadi, request: pytest.FixtureRequest) -> None:
+    """Flavors A100 (listed first, room for 8) and H100 (room for 2) by GFD's product label: a job planned on
+    H100s is charged to the H100 flavor, where Kueue would otherwise take the first flavor that fits."""
+    name = "flavored"
+    flavors = [{"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": f"e2e-{gpu}"},
+                "spec": {"nodeLabels": {"nvidia.com/gpu.product": product}}}
+               for gpu, product in (("a100", "NVIDIA-A100-SXM4-80GB"), ("h100", "NVIDIA-H100-80GB-HBM3"))]
+    stadi.cluster.apply([*flavors,
+        {"apiVersion": API, "kind": "ClusterQueue", "metadata": {"name": f"cq-{name}"}, "spec": {
+            "namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["nvidia.com/gpu"], "flavors": [
+                {"name": "e2e-a100", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 8}]},
+                {"name": "e2e-h100", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 2}]}]}]}},
+        {"apiVersion": API, "kind": "LocalQueue", "metadata": {"name": name, "namespace": JOBS_NS},
+         "spec": {"clusterQueue": f"cq-{name}"}}])
+    request.addfinalizer(lambda: [stadi.kubectl(*args, check=False) for args in (
+        ("delete", "diffusionjob", name, "-n", JOBS_NS, "--wait=true", "--timeout=60s"),
+        ("delete", "localqueue", name, "-n", JOBS_NS), ("delete", "clusterqueue", f"cq-{name}"))])
+    manifest = queued_job(name, name)
+    manifest["spec"]["template"] = {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    stadi.cluster.apply(manifest, "-n", JOBS_NS)
+    wait_phase(stadi, name, "Running")
+    [workload] = workloads(stadi, name).values()
+    assignments = workload["status"]["admission"]["podSetAssignments"]
+    assert {a["flavors"]["nvidia.com/gpu"] for a in assignments} == {"e2e-h100"}
+    finish_pods(stadi, pods(stadi, name, 1))
+    wait_phase(stadi, name, "Succeeded")

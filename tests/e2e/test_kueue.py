@@ -1,8 +1,8 @@
 """Real Kueue on the dev control plane: quota reservation and admission of plain Kueue Workloads (no stadi operator).
 
-Kueue's admission webhooks are not registered (:class:`DevCluster` with ``kueue=True``), so the objects here are
-written complete, as Kueue's defaulting webhook would leave them. The DiffusionJobs that Kueue queues, admits
-and preempts are in test_jobs_queued.py.
+Kueue's admission webhooks for its own kinds are registered (:class:`DevCluster` with ``kueue=True``), pointed
+at the manager on loopback; those of its job and pod integrations are not (they are off). The DiffusionJobs that
+Kueue queues, admits and preempts are in test_jobs_queued.py.
 """
 
 from __future__ import annotations
@@ -105,3 +105,16 @@ def test_workloads_admitted_within_gpu_quota(kueue_cluster: DevCluster) -> None:
     usage = cluster.kubectl_json("get", "clusterqueue", "gpu-cq")["status"]["flavorsReservation"][0]["resources"]
     assert {r["name"]: r["total"] for r in usage} == {"nvidia.com/gpu": "2"}
 
+
+
+def test_kueues_admission_webhooks_are_reachable_from_the_api_server(kueue_cluster: DevCluster) -> None:
+    """Only Kueue's own kinds are behind its webhooks, on loopback, and a failing call refuses the request
+    (failurePolicy Fail): every Workload and queue this module created went through them."""
+    for kind in ("mutating", "validating"):
+        config = kueue_cluster.kubectl_json("get", f"{kind}webhookconfiguration", f"kueue-{kind}-webhook-configuration")
+        hooks = config["webhooks"]
+        assert {g for hook in hooks for rule in hook["rules"] for g in rule["apiGroups"]} == {"kueue.x-k8s.io"}
+        assert {"workloads", "clusterqueues"} <= {r for hook in hooks for rule in hook["rules"]
+                                                  for r in rule["resources"]}
+        assert all(hook["clientConfig"]["url"].startswith("https://127.0.0.1:") and hook["failurePolicy"] == "Fail"
+                   for hook in hooks)

@@ -45,6 +45,10 @@ OPERATOR_MATRIX: list[Check] = [
     ("watch", "resourceslices.resource.k8s.io", None, "", True),
     ("list", "resourceclaims.resource.k8s.io", None, "", True),
     ("create", "resourceclaimtemplates.resource.k8s.io", JOBS_NS, "", True),
+    # Kueue: a queued job's Workload per attempt, and the priority class it names
+    ("create", "workloads.kueue.x-k8s.io", JOBS_NS, "", True),
+    ("delete", "workloads.kueue.x-k8s.io", JOBS_NS, "", True),
+    ("get", "workloadpriorityclasses.kueue.x-k8s.io", None, "", True),
     # kopf's own observation of CRDs and (serving a namespace list) namespaces
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, "", True),
     ("list", "namespaces", None, "", True),
@@ -82,6 +86,11 @@ OPERATOR_MATRIX: list[Check] = [
     ("create", "resourceclaims.resource.k8s.io", JOBS_NS, "", False),  # the resourceclaim controller does
     ("create", "resourceslices.resource.k8s.io", None, "", False),
     ("create", "resourceclaimtemplates.resource.k8s.io", OTHER_NS, "", False),
+    ("patch", "workloads.kueue.x-k8s.io", JOBS_NS, "status", False),  # Kueue writes it
+    ("create", "workloads.kueue.x-k8s.io", OTHER_NS, "", False),
+    ("create", "clusterqueues.kueue.x-k8s.io", None, "", False),
+    ("create", "localqueues.kueue.x-k8s.io", JOBS_NS, "", False),
+    ("create", "workloadpriorityclasses.kueue.x-k8s.io", None, "", False),
 ]
 
 AGENT_MATRIX: list[Check] = [

@@ -698,6 +698,9 @@ async def test_a_queued_job_waits_for_kueue_then_runs_and_hands_the_quota_back(c
     requests = sorted((ps["count"], ps["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"])
                       for ps in workload["spec"]["podSets"])
     assert requests == [(1, "1"), (1, "2")]  # the plan's two pods, 1 and 2 GPUs
+    # the planned nodes' GPU product, for ResourceFlavors that are GPU products; not the planned hostname
+    assert {tuple(ps["template"]["spec"]["nodeSelector"].items()) for ps in workload["spec"]["podSets"]} == {
+        (("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),)}
     assert "Queued" in cluster.reasons() and "Planned" not in cluster.reasons()
 
     _kueue_sets(cluster, "cats-a1", ("QuotaReserved", "QuotaReserved"), ("Admitted", "Admitted"))

@@ -19,7 +19,7 @@ import kopf
 
 from stadi import __version__
 from stadi.api import API_VERSION, GROUP, DiffusionJobSpec, Plan
-from stadi_operator.controller.inventory import DRA_INDICES_ANNOTATION, GPU_DRIVER
+from stadi_operator.controller.inventory import DRA_INDICES_ANNOTATION, GPU_DRIVER, HOSTNAME_LABEL, PRODUCT_LABEL
 
 APP = "stadi-worker"
 # The worker image when neither the job nor the operator names one (the chart sets the operator's).
@@ -338,18 +338,22 @@ def worker_pod(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot
 
 
 def workload(owner: Owner, queue: str, attempt: int, pods: list[dict[str, Any]],
-             priority: tuple[str, int] | None = None) -> dict[str, Any]:
+             priority: tuple[str, int] | None = None, products: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The Kueue Workload of an attempt: what its worker pods request, for Kueue to weigh against the quota of
     ``queue`` (a LocalQueue) before any of them exists. Pods that request the same resources form one pod set
     (Kueue takes at most 8); the template keeps only what Kueue reads for quota: requests, node selector and
-    tolerations. ``priority``: a WorkloadPriorityClass's name and value."""
+    tolerations. The planned node's GPU product (``products``: node → GFD's product label) joins the node
+    selector, so a ClusterQueue whose ResourceFlavors are GPU products (their ``nodeLabels``) charges the plan's
+    GPUs to their product's quota. ``priority``: a WorkloadPriorityClass's name and value."""
     sets: dict[str, dict[str, Any]] = {}
     for pod in pods:
         spec = pod["spec"]
         container = spec["containers"][0]
+        selector = {k: v for k, v in spec["nodeSelector"].items() if k != HOSTNAME_LABEL}
+        if product := (products or {}).get(spec["nodeSelector"].get(HOSTNAME_LABEL, "")):
+            selector[PRODUCT_LABEL] = product
         template = {"spec": {
-            "restartPolicy": "Never", "nodeSelector": {k: v for k, v in spec["nodeSelector"].items()
-                                                       if k != "kubernetes.io/hostname"},
+            "restartPolicy": "Never", "nodeSelector": selector,
             "tolerations": spec["tolerations"],
             "containers": [{"name": container["name"], "image": container["image"],
                             "resources": {k: v for k, v in container["resources"].items() if k != "claims"}}],

@@ -63,6 +63,11 @@ class Indexes:
         """The nodes whose GPUs DRA publishes (their pods claim GPUs instead of requesting the resource)."""
         return frozenset(node for node, store in self.slices.items() if any(store))
 
+    @property
+    def products(self) -> dict[str, str]:
+        """Node → its GPU Feature Discovery product label, where it has one."""
+        return {n.name: n.product for store in self.nodes.values() for n in store if n.product}
+
     def devices(self, job: DiffusionJob, exclude: Iterable[str], now: datetime, stale_after: float,
                 pods: Mapping[str, Iterable[inventory.PodUsage]] | None = None) -> list[Device]:
         """The free GPUs the job's pods could use, as planner devices (``pods`` replaces the pod index)."""

@@ -57,7 +57,8 @@ def ensure_workload(job: Job, queue: str, attempt: int, pods: list[dict[str, Any
         if found is None:
             raise QueueError(f"metadata.labels[{PRIORITY_LABEL}]: no WorkloadPriorityClass {name!r}")
         priority = (name, int(found.get("value", 0)))
-    workload, _ = ensure(job.kube, ch.workload(job.owner, queue, attempt, pods, priority), job.owner)
+    desired = ch.workload(job.owner, queue, attempt, pods, priority, job.indexes.products)
+    workload, _ = ensure(job.kube, desired, job.owner)
     return workload
 
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from stadi_operator.devcluster import nodes as fake_nodes
 from stadi_operator.devcluster import testbin
 from stadi_operator.devcluster.cluster import REPO_CRDS, ClusterError, DevCluster, _alive, kill_group
 
 
 def state_dir() -> Path:
-    """``$STADI_CACHE/dev-cluster``: certs, kubeconfig, etcd data, logs and ``state.json`` (pids, ports)."""
-    return testbin.cache_root() / "dev-cluster"
+    """``$STADI_DEV_CLUSTER_DIR``, else ``$STADI_CACHE/dev-cluster``: certs, kubeconfig, etcd data, logs and
+    ``state.json`` (pids, ports)."""
+    return Path(os.environ.get("STADI_DEV_CLUSTER_DIR") or testbin.cache_root() / "dev-cluster")
 
 
 def _say(msg: str) -> None:
@@ -49,8 +52,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     _stop(state)
     testbin.prepare()
+    if args.kueue:
+        testbin.prepare_kueue()
     crds = Path(args.crds) if args.crds else (REPO_CRDS if REPO_CRDS.is_dir() else None)
-    cluster = DevCluster(state_dir=state_dir(), detach=True, crds=crds, log=_say)
+    fleet = (*fake_nodes.DEFAULT_NODES, *(fake_nodes.DRA_NODES if args.dra else ()))
+    cluster = DevCluster(state_dir=state_dir(), detach=True, crds=crds, nodes=fleet, kueue=args.kueue, log=_say)
     try:
         cluster.start()
     except ClusterError as exc:
@@ -111,6 +117,9 @@ def add_parser(subparsers: Any) -> None:
     sub.add_parser("prepare", help="build or fetch the binaries").set_defaults(func=cmd_prepare)
     up = sub.add_parser("up", help="start in the background; prints `export KUBECONFIG=...`")
     up.add_argument("--crds", metavar="DIR", help="CRDs to install (default: the repository's manifests/crds)")
+    up.add_argument("--kueue", action="store_true", help="also run Kueue (built once into the cache)")
+    up.add_argument("--dra", action="store_true", help="also nodes whose GPUs only DRA ResourceSlices publish "
+                    "(H200 and A100, NVIDIA's driver gpu.nvidia.com, with its DeviceClass)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop and remove its state").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show whether it runs").set_defaults(func=cmd_status)

@@ -21,6 +21,7 @@ Typical use (the e2e fixture in ``tests/e2e/conftest.py`` does exactly this)::
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import ctypes
 import json
@@ -38,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from stadi_operator.devcluster import nodes as fake_nodes
 from stadi_operator.devcluster import testbin
@@ -129,6 +132,23 @@ def make_kueue_pki(d: Path) -> None:
     _issue_cert(d, "kueue-webhook", f"/CN={KUEUE_WEBHOOK_SERVICE}.{KUEUE_NAMESPACE}.svc", "serverAuth",
                 f"DNS:{KUEUE_WEBHOOK_SERVICE}.{KUEUE_NAMESPACE}.svc,IP:127.0.0.1",
                 key=("-newkey", "rsa:2048", "-nodes"), ca="kueue-ca")
+
+
+def kueue_webhooks(manifests: str, port: int, ca: bytes) -> list[dict[str, Any]]:
+    """Kueue's admission webhook configurations (its ``manifests.yaml``), kept to those of Kueue's own kinds
+    (Workloads, queues, flavors: the job and pod integrations are off, and a webhook of theirs would answer 404
+    and refuse every pod), named as Kueue's install names them (its cert rotator keeps their CA), and pointed at
+    the manager on loopback instead of its Service."""
+    configs = []
+    for config in yaml.safe_load_all(manifests):
+        hooks = [hook for hook in config.get("webhooks") or []
+                 if all(group == "kueue.x-k8s.io" for rule in hook.get("rules", []) for group in rule["apiGroups"])]
+        for hook in hooks:
+            path = hook["clientConfig"]["service"]["path"]
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": base64.b64encode(ca).decode()}
+        name = config["metadata"]["name"]
+        configs.append({**config, "metadata": {"name": f"kueue-{name}"}, "webhooks": hooks})
+    return configs
 
 
 def kueue_config(*, webhook_port: int, cert_dir: Path, health_port: int, metrics_port: int) -> dict[str, Any]:
@@ -327,6 +347,8 @@ class DevCluster:
             self.kubectl("apply", "--server-side", "-f", str(self.crds))
         if self.nodes:
             self.apply(fake_nodes.node_list(self.nodes))
+            if any(n.dra for n in self.nodes):  # what NVIDIA's DRA driver would publish for them
+                self.apply(fake_nodes.dra_objects(list(self.nodes)))
             names = [n.name for n in self.nodes]
             self._wait(lambda: self._nodes_ready(names), deadline, f"{len(names)} fake nodes Ready")
         if self.crds:
@@ -377,6 +399,8 @@ class DevCluster:
         self._spawn("kueue", [f"--kubeconfig={self.kubeconfig}", f"--config={config}"],
                     exe=testbin.kueue_dir() / "kueue")
         self._wait(lambda: _http_ok(f"http://127.0.0.1:{ports['kueue-health']}/readyz"), deadline, "kueue /readyz")
+        self.apply(kueue_webhooks((testbin.kueue_dir() / "webhooks.yaml").read_text(), ports["kueue-webhook"],
+                                  (d / "kueue-ca.crt").read_bytes()))
 
     def _spawn(self, name: str, args: list[str], exe: Path | None = None) -> None:
         out = (self.logs / f"{name}.log").open("ab")

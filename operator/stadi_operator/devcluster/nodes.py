@@ -113,6 +113,13 @@ DEFAULT_NODES: tuple[GPUNodeSpec, ...] = (
 )
 
 
+#: ``stadi dev-cluster up --dra``: nodes whose GPUs only NVIDIA's DRA driver publishes (its product names).
+DRA_NODES: tuple[GPUNodeSpec, ...] = (
+    GPUNodeSpec("dra-h200-0", "NVIDIA H200", 8, 143771, dra=True),
+    GPUNodeSpec("dra-a100-0", "NVIDIA A100-SXM4-80GB", 4, 81920, dra=True),
+)
+
+
 def mixed_fleet(n: int, prefix: str = "fake-gpu") -> list[GPUNodeSpec]:
     """``n`` nodes cycling through H100×8, A100×4, L4×4 and T4-SHARED (for scale tests)."""
     kinds = [(H100, 8, 1), (A100, 4, 1), (L4, 4, 1), (T4, 1, 4)]

