@@ -423,10 +423,15 @@ class JobMetadata(Metadata):
 # --- the plan -------------------------------------------------------------------------------------------
 
 
+# The plan's models: snake_case in Python and in plan.json (what the worker reads), camelCase in the job's status
+# (``DiffusionJobStatus.dump``) like every other API field; either spelling reads back.
+PLAN_CONFIG = ConfigDict(extra="forbid", alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True)
+
+
 class RankPlan(BaseModel):
     """One rank of a plan: its GPU, speed, band of latent rows [start, end) and stride; or an idle rank."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = PLAN_CONFIG
 
     rank: int = Field(ge=0)
     gpu: str
@@ -465,7 +470,7 @@ class RankPlan(BaseModel):
 class HybridPlan(BaseModel):
     """Strategy hybrid's schedule and the cut of the denoiser (the ranks' ``layers`` say who runs what)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = PLAN_CONFIG
 
     window: int = Field(ge=1)
     slope_threshold: float = Field(ge=0.0)
@@ -478,7 +483,7 @@ class HybridPlan(BaseModel):
 class Plan(BaseModel):
     """The planner's answer: what every rank does, and what it is predicted to cost."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = PLAN_CONFIG
 
     strategy: Literal["single", "patch", "cfg", "cfg-stride", "cfg-stride+band", "stadi", "stadi+cfg", "hybrid"]
     family: str
@@ -629,6 +634,10 @@ class DiffusionJobStatus(Model):
     strategy: str | None = Field(None, description="Strategy of the current plan (``plan`` stays the one the gang "
                                  "was started with); a printer column.")
     progress_text: str = Field("", description='Progress for people, e.g. "3/10 images"; a printer column.')
+    predicted_text: str = Field("", description='The plan\'s predicted seconds per image for people, e.g. "1.25s"; '
+                                'a printer column.')
+    nodes_text: str = Field("", description='The planned nodes and their GPUs, e.g. "gpu-a×1, gpu-b×2"; a printer '
+                            'column of -o wide.')
 
 
 class DiffusionJob(Model):

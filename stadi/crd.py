@@ -439,11 +439,18 @@ def build_crds() -> list[dict[str, Any]]:
             {"name": "Progress", "type": "string", "jsonPath": ".status.progressText"},
             {
                 "name": "Predicted",
-                "type": "number",
-                "jsonPath": ".status.plan.predicted_seconds",
-                "description": "Predicted latency of the plan, in seconds.",
+                "type": "string",
+                "jsonPath": ".status.predictedText",
+                "description": "Predicted latency of the plan per image.",
             },
             _age(),
+            {
+                "name": "Nodes",
+                "type": "string",
+                "jsonPath": ".status.nodesText",
+                "description": "The planned nodes and their GPUs.",
+                "priority": 1,
+            },
         ],
     )
     gpunode = _crd(

@@ -182,7 +182,7 @@ def test_example_job_runs_to_success(stadi: Stadi, example: Path, cleanup: list[
 
     st = wait_phase(stadi, name, "Running")
     assert st["attempts"] == 1
-    assert st["plan"]["predicted_seconds"] > 0
+    assert st["plan"]["predictedSeconds"] > 0
     conditions = {c["type"]: c for c in st["conditions"]}
     assert conditions["Valid"]["status"] == "True"
     assert conditions["Planned"]["status"] == "True"
@@ -203,8 +203,10 @@ def test_example_job_runs_to_success(stadi: Stadi, example: Path, cleanup: list[
     assert row["GPUS"] == str(len(st["plan"]["ranks"]))
     assert row["STRATEGY"] == st["plan"]["strategy"] == st["strategy"]
     assert row["PROGRESS"] == f"1/{total} images"
-    assert float(row["PREDICTED"]) == pytest.approx(st["plan"]["predicted_seconds"], rel=1e-3)
+    assert row["PREDICTED"] == f"{st['plan']['predictedSeconds']:.2f}s"  # seconds that read well
     assert row["AGE"]
+    wide = stadi.kubectl("get", "dj", name, "-n", JOBS_NS, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-1] == "NODES" and all(r["node"] in wide[1] for r in st["plan"]["ranks"])
 
     finish_pods(stadi, found)
     st = wait_phase(stadi, name, "Succeeded")
@@ -384,7 +386,7 @@ def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fl
     stadi.cluster.apply(dra_job("dra", 3), "-n", JOBS_NS)
     wait_phase(stadi, "dra", "Running")
     st = status(stadi, "dra")
-    planned = {(r["node"], r["gpu_index"]) for r in st["plan"]["ranks"]}
+    planned = {(r["node"], r["gpuIndex"]) for r in st["plan"]["ranks"]}
     assert planned == {("dra-h200-0", 0), ("dra-h200-0", 1), ("dra-h200-1", 0)}
     assert {r["gpu"] for r in st["plan"]["ranks"]} == {"NVIDIA H200"}
     found = pods(stadi, "dra", 1)
@@ -401,7 +403,7 @@ def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fl
     stadi.cluster.apply(dra_job("dra-one", 1), "-n", JOBS_NS)
     wait_phase(stadi, "dra-one", "Running")
     [rank] = status(stadi, "dra-one")["plan"]["ranks"]
-    assert (rank["node"], rank["gpu_index"], rank["gpu"]) == ("dra-a100-0", 0, "NVIDIA A100-SXM4-80GB")
+    assert (rank["node"], rank["gpuIndex"], rank["gpu"]) == ("dra-a100-0", 0, "NVIDIA A100-SXM4-80GB")
     stadi.cluster.apply(dra_job("dra-more", 2), "-n", JOBS_NS)
 
     def waiting() -> bool:

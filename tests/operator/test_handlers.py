@@ -652,7 +652,7 @@ async def test_a_job_on_gpus_published_through_dra_gets_claim_templates(cluster:
     await cluster.create()
     status = cluster.status()
     assert status["phase"] == "Scheduling"
-    assert {(r["node"], r["gpu_index"], r["gpu"]) for r in status["plan"]["ranks"]} == {
+    assert {(r["node"], r["gpuIndex"], r["gpu"]) for r in status["plan"]["ranks"]} == {
         ("dra-a", 0, "NVIDIA H200"), ("dra-a", 1, "NVIDIA H200")}
     [template] = cluster.live("resource.k8s.io/v1/resourceclaimtemplates").values()
     [pod] = cluster.pods().values()

@@ -205,11 +205,12 @@ def test_diffusionjob_printer_columns() -> None:
         ("GPUs", "integer", ".status.gpus"),
         ("Strategy", "string", ".status.strategy"),
         ("Progress", "string", ".status.progressText"),
-        ("Predicted", "number", ".status.plan.predicted_seconds"),
+        ("Predicted", "string", ".status.predictedText"),
         ("Age", "date", ".metadata.creationTimestamp"),
+        ("Nodes", "string", ".status.nodesText"),
     ]
-    predicted = next(c for c in columns if c["name"] == "Predicted")
-    assert "seconds" in predicted["description"]
+    # -o wide only: the planned nodes
+    assert [c["name"] for c in columns if c.get("priority", 0) == 1] == ["Nodes"]
 
 
 @pytest.mark.parametrize("kind", ["DiffusionJob", "GPUNode"])

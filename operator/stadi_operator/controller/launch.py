@@ -61,7 +61,8 @@ def _begin(job: Job, spec_job: DiffusionJob, plan: Plan, attempt: int, adopted: 
     message = (f"attempt {attempt}: {plan.strategy} on {plan.world_size} GPU(s) in {len(slots)} pod(s) "
                f"[{nodes}], predicted {plan.predicted_seconds:.1f} s")
     recorded = dict(attempts=attempt, plan=DiffusionJobStatus(plan=plan).dump()["plan"], gpus=len(plan.active),
-                    strategy=plan.strategy, observedGeneration=st.generation)
+                    strategy=plan.strategy, observedGeneration=st.generation,
+                    predictedText=f"{plan.predicted_seconds:.2f}s", nodesText=nodes)
     st.condition("Planned", "True", "Replanned" if attempt > 1 else "Planned", message)
     if (queue := queueing.queue_of(job.body)) is not None:
         try:
