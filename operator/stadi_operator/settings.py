@@ -55,6 +55,8 @@ class OperatorSettings(BaseSettings):
     worker_cache_claim: str | None = Field(
         None, description="Mount this PersistentVolumeClaim of the job's namespace as the workers' cache.")
     liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port when set.")
+    metrics_port: int | None = Field(None, ge=0, le=65535,
+                                     description="Serve Prometheus /metrics on this port when set.")
     dra_device_class: str = Field(
         "gpu.nvidia.com", description="The DeviceClass of the GPUs that DRA ResourceSlices publish (NVIDIA's DRA "
         "driver installs gpu.nvidia.com): worker pods on such nodes claim their planned GPUs from it.")

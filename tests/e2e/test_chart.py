@@ -58,6 +58,7 @@ class Stadi:
     operator_log: Path
     operator_kubeconfig: Path
     liveness_port: int
+    metrics_port: int
     install_output: str
 
     release: str = RELEASE
@@ -102,11 +103,12 @@ def helm_install(cluster: DevCluster) -> str:
     return done.stdout
 
 
-def start_operator(cluster: DevCluster, workdir: Path) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
-    """``stadi operator --namespace stadi-jobs`` as the chart's ServiceAccount (TokenRequest token)."""
+def start_operator(cluster: DevCluster, workdir: Path) -> tuple[subprocess.Popen[bytes], Path, Path, int, int]:
+    """``stadi operator --namespace stadi-jobs`` as the chart's ServiceAccount (TokenRequest token); returns the
+    process, its log, its kubeconfig, its liveness and its metrics port."""
     kubeconfig = cluster.sa_kubeconfig(OPERATOR_SA, SYSTEM_NS, path=workdir / "operator.kubeconfig")
     log = workdir / "operator.log"
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "STADI_OPERATOR_"))}
     env.update({
         "KUBECONFIG": str(kubeconfig),
@@ -114,6 +116,7 @@ def start_operator(cluster: DevCluster, workdir: Path) -> tuple[subprocess.Popen
         "STADI_OPERATOR_UNSCHEDULABLE_TIMEOUT": "30",
         "STADI_OPERATOR_RETRY_BACKOFF": "2",
         "STADI_OPERATOR_VOLCANO": "off",
+        "STADI_OPERATOR_METRICS_PORT": str(metrics_port),
         "STADI_OPERATOR_WORKER_IMAGE": WORKER_IMAGE,
         "PYTHONUNBUFFERED": "1",
     })
@@ -136,7 +139,7 @@ def start_operator(cluster: DevCluster, workdir: Path) -> tuple[subprocess.Popen
             stop_process(proc)
             raise AssertionError(f"operator not healthy after 60 s:\n{log.read_text(errors='replace')[-4000:]}")
         time.sleep(0.3)
-    return proc, log, kubeconfig, port
+    return proc, log, kubeconfig, port, metrics_port
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -162,8 +165,8 @@ def stadi_fixture(request: pytest.FixtureRequest, dev_cluster: DevCluster,
         return
     install_output = helm_install(dev_cluster)
     workdir = tmp_path_factory.mktemp("stadi-operator")
-    proc, log, kubeconfig, port = start_operator(dev_cluster, workdir)
-    release = Stadi(dev_cluster, proc, log, kubeconfig, port, install_output)
+    proc, log, kubeconfig, port, metrics_port = start_operator(dev_cluster, workdir)
+    release = Stadi(dev_cluster, proc, log, kubeconfig, port, metrics_port, install_output)
     request.config.stash[_STASH] = release
     try:
         yield release

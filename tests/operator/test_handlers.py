@@ -530,7 +530,7 @@ async def test_other_pods_gpus_are_not_planned(cluster: Cluster) -> None:
 async def test_registration_wires_every_handler() -> None:
     registry = handlers.register(kopf.OperatorRegistry(), OperatorSettings(reconcile_interval=7))
     ids = {h.id for h in registry._changing.get_all_handlers()}
-    assert ids == {"admit", "plan", "respec/spec"}
+    assert ids == {"admit", "plan", "respec/spec", "forget"}
     timers = list(registry._spawning.get_all_handlers())
     assert [(t.id, t.interval) for t in timers] == [("reconcile", 7)]
     assert {h.id for h in registry._indexing.get_all_handlers()} == {"stadi_nodes", "stadi_gpu_pods",
@@ -778,3 +778,50 @@ async def test_a_queue_the_cluster_cannot_give_fails_the_job_naming_the_label(
     assert cluster.status()["phase"] == "Failed" and cluster.pods() == {}
     failed = cluster.condition("Failed")
     assert failed["reason"] == "QueueUnavailable" and expected in failed["message"]
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def _sample(cluster: Cluster, name: str, **labels: str) -> float | None:
+    return cluster.runtime.metrics.registry.get_sample_value(name, labels or None)
+
+
+async def test_metrics_follow_the_jobs(cluster: Cluster) -> None:
+    """Jobs by phase, planning latency, time to running, re-plans and failures by reason, and the measured over
+    the predicted seconds per image, from the handlers' own runs."""
+    cluster.add_job()
+    cluster.server.objects[JOB, NS, "cats"].patch({"metadata": {"creationTimestamp": "2025-01-01T11:59:00Z"}})
+    await cluster.create()
+    assert _sample(cluster, "stadi_jobs", phase="Scheduling") == 1
+    assert _sample(cluster, "stadi_planning_seconds_count") == 1
+    for name in cluster.pods():
+        cluster.set_pod(name, "Running")
+    await cluster.call(handlers.reconcile)
+    assert _sample(cluster, "stadi_jobs", phase="Running") == 1 and _sample(cluster, "stadi_jobs",
+                                                                           phase="Scheduling") == 0
+    assert _sample(cluster, "stadi_job_time_to_running_seconds_sum") == 60.0  # created a minute before T0
+
+    cluster.set_pod("cats-a1-1", "Failed")  # a retry without the node
+    await cluster.call(handlers.reconcile)
+    assert _sample(cluster, "stadi_replans_total", reason="PodFailed") == 1
+    predicted = cluster.status()["plan"]["predictedSeconds"]
+    steps = cluster.status()["plan"]["steps"]
+    # what rank 0 reports: a median step 1.5 times the prediction's share
+    cluster.server.objects[JOB, NS, "cats"].patch({"status": {"measured": [
+        {"rank": 0, "medianMs": 1.5 * predicted * 1000 / steps, "stepMs": []}]}})
+    for name in cluster.pods():
+        if name.startswith("cats-a2"):
+            cluster.set_pod(name, "Succeeded")
+    await cluster.call(handlers.reconcile)
+    assert cluster.status()["phase"] == "Succeeded"
+    assert _sample(cluster, "stadi_measured_over_predicted_ratio_sum") == pytest.approx(1.5)
+    assert _sample(cluster, "stadi_measured_over_predicted_ratio_bucket", le="1.5") == 1
+    assert _sample(cluster, "stadi_measured_over_predicted_ratio_bucket", le="1.25") == 0
+
+    cluster.add_job("bad", prompts=[])
+    await cluster.create("bad")
+    assert _sample(cluster, "stadi_job_failures_total", reason="InvalidSpec") == 1
+    assert _sample(cluster, "stadi_jobs", phase="Failed") == 1
+    await cluster.call(handlers.forget, "bad")
+    assert _sample(cluster, "stadi_jobs", phase="Failed") == 0

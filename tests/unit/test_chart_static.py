@@ -305,6 +305,26 @@ def test_workers_cache_volume_is_passed_to_the_operator() -> None:
         assert done.returncode != 0 and "schema" in done.stderr, bad
 
 
+def test_operator_metrics_service_and_service_monitor() -> None:
+    """By default the operator serves /metrics on 9090 behind a Service; a ServiceMonitor on request; port 0 turns
+    both off."""
+    docs = render()
+    container = one(docs, "Deployment", "stadi-operator", NAMESPACE)["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}["STADI_OPERATOR_METRICS_PORT"] == "9090"
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    service = one(docs, "Service", "stadi-operator-metrics", NAMESPACE)
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
+    monitor = one(render("operator.metrics.serviceMonitor.enabled=true"), "ServiceMonitor", "stadi-operator",
+                  NAMESPACE)
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    off = render("operator.metrics.port=0", "operator.metrics.serviceMonitor.enabled=true")
+    assert not [d for d in off if d["kind"] in ("Service", "ServiceMonitor")]
+    env = one(off, "Deployment", "stadi-operator", NAMESPACE)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "STADI_OPERATOR_METRICS_PORT" not in {e["name"] for e in env}
+
+
 def test_operator_can_be_left_out() -> None:
     docs = render("operator.enabled=false")
     assert not [d for d in docs if d["kind"] == "Deployment"]

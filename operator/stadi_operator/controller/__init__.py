@@ -40,6 +40,7 @@ Modules, each importing only those above it:
 - ``children``: the manifests of an attempt's children (pure).
 - ``status``: one handler run's status changes, conditions and timestamps.
 - ``pods``: what a worker pod's object says (phase, attempt, node, why it failed; pure).
+- ``metrics``: the operator's Prometheus metrics (one registry per runtime).
 - ``gpu_book``: GPUs promised to just-created pods until kopf's pod index shows them or their job sees them finished.
 - ``indexes``: kopf's inventory indexes and the planner devices they offer a job.
 - ``runtime``: what every handler needs (settings, API adapter, book, clock) and one run's view of a job.

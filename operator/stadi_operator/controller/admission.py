@@ -34,3 +34,4 @@ def reject(job: Job, message: str) -> None:
     st.condition("Valid", "False", "InvalidSpec", message)
     if st.condition("Failed", "True", "InvalidSpec", message):
         job.event("InvalidSpec", message, warning=True)
+        job.runtime.metrics.failures.labels("InvalidSpec").inc()

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import kopf
+from prometheus_client import start_http_server
 
 from stadi.api import GROUP, VERSION
 from stadi_operator.controller.admission import reject, validate
@@ -36,7 +37,7 @@ from stadi_operator.controller.lifecycle import (
     suspend,
     watch_pods,
 )
-from stadi_operator.controller.runtime import Job, Runtime
+from stadi_operator.controller.runtime import Job, Runtime, runtime_of
 from stadi_operator.controller.status import parse_time, stamp
 from stadi_operator.kube import Kube
 from stadi_operator.settings import OperatorSettings
@@ -58,7 +59,7 @@ def admit(patch: kopf.Patch, **kwargs: Any) -> None:
         job.status.condition("Valid", "True", "Valid", "spec is valid")
         if spec_job.spec.suspend:
             suspend(job, [])
-    job.status.apply(patch)
+    _apply(job, patch)
 
 
 def plan(patch: kopf.Patch, **kwargs: Any) -> None:
@@ -72,7 +73,7 @@ def plan(patch: kopf.Patch, **kwargs: Any) -> None:
         reject(job, message)
     else:
         launch(job, spec_job)
-    job.status.apply(patch)
+    _apply(job, patch)
 
 
 def respec(patch: kopf.Patch, **kwargs: Any) -> None:
@@ -81,7 +82,7 @@ def respec(patch: kopf.Patch, **kwargs: Any) -> None:
     job = Job.of(kwargs)
     st = job.status
     if st.phase not in FINAL and _suspension(job):
-        st.apply(patch)
+        _apply(job, patch)
         return
     if st.phase in ("Scheduling", "Running", "Succeeded"):
         job.event("SpecChangeIgnored", f"spec changed while {st.phase}: the job keeps running generation "
@@ -98,8 +99,21 @@ def respec(patch: kopf.Patch, **kwargs: Any) -> None:
         if spec_job.spec.suspend:
             suspend(job, [])
         else:
+            if int(st.get("attempts", 0)):
+                job.runtime.metrics.replans.labels("SpecChanged").inc()
             launch(job, spec_job)
-    st.apply(patch)
+    _apply(job, patch)
+
+
+def _apply(job: Job, patch: kopf.Patch) -> None:
+    """Write the run's status changes into kopf's patch; the phase metric follows."""
+    job.status.apply(patch)
+    job.runtime.metrics.phase(job.namespace, job.name, job.status.phase)
+
+
+def forget(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
+    """Deletion of a job: it leaves the phase metric (no finalizer: nothing else to clean up)."""
+    runtime_of(memo).metrics.phase(namespace, name, None)
 
 
 def _suspension(job: Job) -> bool:
@@ -131,7 +145,7 @@ def reconcile(patch: kopf.Patch, **kwargs: Any) -> None:
     if spec_job is None:
         return  # the create/update handlers report invalid specs
     if _suspension(job):  # also where an update event was missed
-        st.apply(patch)
+        _apply(job, patch)
         return
     if deadline_passed(job, spec_job):
         fail(job, "DeadlineExceeded",
@@ -152,7 +166,7 @@ def reconcile(patch: kopf.Patch, **kwargs: Any) -> None:
         else:
             watch_pods(job, spec_job)
     progress_text(job)
-    st.apply(patch)
+    _apply(job, patch)
 
 
 # --- startup and registration -----------------------------------------------------------------------------
@@ -168,6 +182,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
             options.volcano == "auto" and kube.has_resource("scheduling.volcano.sh/v1beta1", "podgroups"))
         kueue = kube.has_resource("kueue.x-k8s.io/v1beta2", "workloads")
         memo.runtime = Runtime(options, kube, volcano, kueue)
+        if options.metrics_port is not None:
+            start_http_server(options.metrics_port, registry=memo.runtime.metrics.registry)
     logger.info(f"stadi operator ready: volcano={memo.runtime.volcano} kueue={memo.runtime.kueue}")
 
 
@@ -190,6 +206,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings,
         on(*JOBS, id="admit", backoff=backoff, registry=registry)(admit)
         on(*JOBS, id="plan", backoff=backoff, registry=registry)(plan)
     kopf.on.update(*JOBS, id="respec", field="spec", backoff=backoff, registry=registry)(respec)
+    kopf.on.delete(*JOBS, id="forget", optional=True, registry=registry)(forget)
     kopf.timer(*JOBS, id="reconcile", interval=settings.reconcile_interval, initial_delay=1.0,
                backoff=backoff, registry=registry)(reconcile)
     return registry

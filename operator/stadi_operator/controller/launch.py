@@ -40,7 +40,8 @@ def _launch(job: Job, spec_job: DiffusionJob, announce_wait: bool) -> bool:
         pool = job.indexes.devices(spec_job, excluded, job.now, settings.telemetry_stale_after,
                                    pods=job.runtime.book.with_promises(job.indexes.pods))
         try:
-            plan = plan_job(spec_job.spec, pool)
+            with job.runtime.metrics.planning.time():
+                plan = plan_job(spec_job.spec, pool)
         except ValueError as error:
             message = f"no plan for attempt {attempt}: {error}" + (
                 f" (excluded nodes: {', '.join(excluded)})" if excluded else "")
@@ -71,6 +72,7 @@ def _begin(job: Job, spec_job: DiffusionJob, plan: Plan, attempt: int, adopted: 
             st.set(phase="Failed", completionTime=stamp(job.now))
             st.condition("Failed", "True", "QueueUnavailable", str(error))
             job.event("QueueUnavailable", str(error), warning=True)
+            job.runtime.metrics.failures.labels("QueueUnavailable").inc()
             return
         if not queueing.admitted(workload):
             st.set(phase="Queued", **recorded)

@@ -13,6 +13,7 @@ from stadi_operator.controller import children as ch
 from stadi_operator.controller import inventory, pods, queueing
 from stadi_operator.controller.adoption import controlled_by
 from stadi_operator.controller.launch import launch
+from stadi_operator.controller.metrics import measured_over_predicted
 from stadi_operator.controller.runtime import Job
 from stadi_operator.controller.status import parse_time, stamp
 
@@ -40,6 +41,7 @@ def fail(job: Job, reason: str, message: str, found: Iterable[Mapping[str, Any]]
     st.set(phase="Failed", completionTime=stamp(job.now))
     st.condition("Failed", "True", reason, message)
     job.event(reason, message, warning=True)
+    job.runtime.metrics.failures.labels(reason).inc()
 
 
 def suspend(job: Job, found: list[dict[str, Any]]) -> None:
@@ -72,6 +74,8 @@ def resume(job: Job, spec_job: DiffusionJob) -> None:
     st.set(phase="Planning", resumes=resumes, startTime=stamp(job.now))
     st.condition("Suspended", "False", "Resumed", "spec.suspend is false: planning on the GPUs free now")
     job.event("Resumed", "spec.suspend is false: planning again; images already written are skipped")
+    if resumes:
+        job.runtime.metrics.replans.labels("Resumed").inc()
     launch(job, spec_job)
 
 
@@ -93,6 +97,7 @@ def requeue_if_evicted(job: Job, spec_job: DiffusionJob) -> bool:
     st.condition("Admitted", "False", "Evicted", message)
     st.condition("Scheduled", "False", "Evicted", message)
     job.event("Evicted", message, warning=True)
+    job.runtime.metrics.replans.labels("Evicted").inc()
     launch(job, spec_job)
     return True
 
@@ -112,6 +117,7 @@ def retry(job: Job, spec_job: DiffusionJob, nodes: Iterable[str], reason: str, m
         return
     st.set(excludedNodes=sorted(set(st.get("excludedNodes", [])) | {n for n in nodes if n != "?"}))
     st.condition("Scheduled", "False", reason, message)
+    job.runtime.metrics.replans.labels(reason).inc()
     if not launch(job, spec_job, announce_wait=reason != "Unschedulable") and reason == "Unschedulable":
         fail(job, "Unschedulable", f"{message}; no plan without those nodes")
 
@@ -160,6 +166,9 @@ def watch_pods(job: Job, spec_job: DiffusionJob) -> None:
         return
 
     if phases and all(p in ("Running", "Succeeded") for p in phases) and st.phase != "Running":
+        created = parse_time((job.body.get("metadata") or {}).get("creationTimestamp"))
+        if created is not None:
+            job.runtime.metrics.to_running.observe(max(0.0, (job.now - created).total_seconds()))
         st.set(phase="Running")
         st.condition("Scheduled", "True", "Running", f"all {len(phases)} worker pod(s) of attempt {attempt} run")
         job.event("Scheduled", f"attempt {attempt}: all {len(phases)} worker pod(s) running")
@@ -169,6 +178,9 @@ def succeed(job: Job, spec_job: DiffusionJob) -> None:
     """Phase Succeeded: outputs, completed progress, conditions, event."""
     st = job.status
     queueing.release(job)
+    ratio = measured_over_predicted({"plan": st.get("plan"), "measured": st.get("measured")})
+    if ratio is not None:
+        job.runtime.metrics.prediction.observe(ratio)
     outputs = list(st.get("outputs", [])) or [spec_job.spec.output.uri.rstrip("/") + "/manifest.json"]
     st.set(phase="Succeeded", completionTime=stamp(job.now), outputs=outputs)
     # Rank 0 reports progress best-effort: if its last patch was lost, completion still shows. Only ever raised

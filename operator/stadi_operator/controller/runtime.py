@@ -13,6 +13,7 @@ import kopf
 from stadi_operator.controller import children as ch
 from stadi_operator.controller.gpu_book import GpuBook
 from stadi_operator.controller.indexes import Indexes
+from stadi_operator.controller.metrics import OperatorMetrics
 from stadi_operator.controller.status import StatusUpdate
 from stadi_operator.kube import Kube
 from stadi_operator.settings import OperatorSettings
@@ -31,6 +32,7 @@ class Runtime:
     kueue: bool = False  # Kueue's Workload API is served
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     book: GpuBook = field(default_factory=lambda: GpuBook())
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     @property
     def worker_options(self) -> ch.WorkerOptions:
