@@ -638,6 +638,9 @@ class DiffusionJobStatus(Model):
                                 'a printer column.')
     nodes_text: str = Field("", description='The planned nodes and their GPUs, e.g. "gpu-a×1, gpu-b×2"; a printer '
                             'column of -o wide.')
+    speedup_text: str = Field("", description='The plan\'s predicted seconds per image on one GPU over what the '
+                              'workers measured, e.g. "1.84x"; a printer column of -o wide (empty when the plan '
+                              'did not weigh one GPU: a strategy named, or gpus.min above 1).')
 
 
 class DiffusionJob(Model):

@@ -451,6 +451,13 @@ def build_crds() -> list[dict[str, Any]]:
                 "description": "The planned nodes and their GPUs.",
                 "priority": 1,
             },
+            {
+                "name": "Speedup",
+                "type": "string",
+                "jsonPath": ".status.speedupText",
+                "description": "Measured speed-up over the predicted time on one GPU.",
+                "priority": 1,
+            },
         ],
     )
     gpunode = _crd(

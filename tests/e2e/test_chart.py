@@ -205,7 +205,7 @@ def test_helm_install_deploys_the_release(stadi: Stadi) -> None:
 def test_crds_installed_with_printer_columns(stadi: Stadi) -> None:
     crd = stadi.cluster.kubectl_json("get", "crd", "diffusionjobs.stadi.dev")
     columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Model", "GPUs", "Strategy", "Progress", "Predicted", "Age", "Nodes"]
+    assert columns == ["Phase", "Model", "GPUs", "Strategy", "Progress", "Predicted", "Age", "Nodes", "Speedup"]
     assert crd["spec"]["names"]["shortNames"] == ["dj"]
     stadi.kubectl("get", "crd", "gpunodes.stadi.dev")
     # Listing works through the short name and the category.

@@ -26,7 +26,7 @@ def scrape(stadi: Stadi) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def test_the_operator_serves_its_metrics(stadi: Stadi) -> None:
     before = scrape(stadi)
-    manifest = yaml.safe_load((ROOT / "manifests" / "examples" / "sdxl-patch.yaml").read_text())
+    manifest = yaml.safe_load((ROOT / "manifests" / "examples" / "sdxl.yaml").read_text())
     manifest["metadata"]["name"] = NAME
     stadi.cluster.apply(manifest, "-n", JOBS_NS)
     try:
@@ -36,8 +36,11 @@ def test_the_operator_serves_its_metrics(stadi: Stadi) -> None:
         median = 1.2 * plan["predictedSeconds"] * 1000 / plan["steps"]
         worker_patch(stadi, NAME, {"measured": [{"rank": 0, "medianMs": median, "stepMs": [median]}]})
         finish_pods(stadi, pods(stadi, NAME, 1))
-        wait_phase(stadi, NAME, "Succeeded")
+        st = wait_phase(stadi, NAME, "Succeeded")
         after = scrape(stadi)
+        wide = stadi.kubectl("get", "dj", NAME, "-n", JOBS_NS, "-o", "wide").stdout
+        speedup = f"{plan['alternatives']['single'] / (1.2 * plan['predictedSeconds']):.2f}x"
+        assert st["speedupText"] == speedup and speedup in wide  # -o wide: the measured speed-up
     finally:
         stadi.kubectl("delete", "diffusionjob", NAME, "-n", JOBS_NS, "--wait=false", check=False)
 

@@ -815,6 +815,8 @@ async def test_metrics_follow_the_jobs(cluster: Cluster) -> None:
             cluster.set_pod(name, "Succeeded")
     await cluster.call(handlers.reconcile)
     assert cluster.status()["phase"] == "Succeeded"
+    single = cluster.status()["plan"]["alternatives"]["single"]
+    assert cluster.status()["speedupText"] == f"{single / (1.5 * predicted):.2f}x"  # the -o wide column
     assert _sample(cluster, "stadi_measured_over_predicted_ratio_sum") == pytest.approx(1.5)
     assert _sample(cluster, "stadi_measured_over_predicted_ratio_bucket", le="1.5") == 1
     assert _sample(cluster, "stadi_measured_over_predicted_ratio_bucket", le="1.25") == 0

@@ -208,9 +208,10 @@ def test_diffusionjob_printer_columns() -> None:
         ("Predicted", "string", ".status.predictedText"),
         ("Age", "date", ".metadata.creationTimestamp"),
         ("Nodes", "string", ".status.nodesText"),
+        ("Speedup", "string", ".status.speedupText"),
     ]
-    # -o wide only: the planned nodes
-    assert [c["name"] for c in columns if c.get("priority", 0) == 1] == ["Nodes"]
+    # -o wide only: the planned nodes and the measured speed-up
+    assert [c["name"] for c in columns if c.get("priority", 0) == 1] == ["Nodes", "Speedup"]
 
 
 @pytest.mark.parametrize("kind", ["DiffusionJob", "GPUNode"])

@@ -15,7 +15,7 @@ from stadi_operator.controller.adoption import controlled_by
 from stadi_operator.controller.launch import launch
 from stadi_operator.controller.metrics import measured_over_predicted
 from stadi_operator.controller.runtime import Job
-from stadi_operator.controller.status import parse_time, stamp
+from stadi_operator.controller.status import measured_image_seconds, parse_time, stamp
 
 
 def owned_pods(job: Job) -> list[dict[str, Any]]:
@@ -196,10 +196,17 @@ def succeed(job: Job, spec_job: DiffusionJob) -> None:
 
 
 def progress_text(job: Job) -> None:
-    """The printer column "3/10 images" from the worker's progress."""
-    progress = job.status.get("progress", {}) or {}
+    """The printer columns "3/10 images" from the worker's progress, and the measured speed-up over the plan's
+    prediction for one GPU ("1.84x") once rank 0 has reported its median step."""
+    st = job.status
+    progress = st.get("progress", {}) or {}
     if progress.get("imagesTotal"):
-        job.status.set(progressText=f"{progress.get('imagesDone', 0)}/{progress['imagesTotal']} images")
+        st.set(progressText=f"{progress.get('imagesDone', 0)}/{progress['imagesTotal']} images")
+    plan = st.get("plan") or {}
+    single = (plan.get("alternatives") or {}).get("single")
+    measured = measured_image_seconds(plan, st.get("measured"))
+    if single and measured:
+        st.set(speedupText=f"{single / measured:.2f}x")
 
 
 def deadline_passed(job: Job, spec_job: DiffusionJob) -> bool:

@@ -12,6 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from stadi_operator.controller.status import measured_image_seconds
+
 PHASES = ("Pending", "Planning", "Queued", "Scheduling", "Running", "Suspended", "Succeeded", "Failed")
 
 
@@ -69,12 +71,8 @@ class _PhaseCollector:
 
 
 def measured_over_predicted(status: dict[str, Any]) -> float | None:
-    """Seconds per image the workers measured (rank 0's median step over the plan's steps) over the plan's
-    prediction; None when either is missing."""
+    """Seconds per image the workers measured over the plan's prediction; None when either is missing."""
     plan = status.get("plan") or {}
     predicted = plan.get("predictedSeconds") or plan.get("predicted_seconds")
-    rank0 = next((m for m in status.get("measured") or [] if m.get("rank") == 0), {})
-    median, steps = rank0.get("medianMs"), plan.get("steps")
-    if not predicted or not median or not steps:
-        return None
-    return float(median) * int(steps) / 1000.0 / float(predicted)
+    measured = measured_image_seconds(plan, status.get("measured"))
+    return measured / float(predicted) if measured and predicted else None

@@ -17,6 +17,14 @@ def stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def measured_image_seconds(plan: Mapping[str, Any] | None, measured: Any) -> float | None:
+    """Seconds per image the workers measured: rank 0's median step times the plan's steps (rank 0 runs every
+    step, warmup included); None until rank 0 has reported its median."""
+    rank0 = next((m for m in measured or [] if m.get("rank") == 0), {})
+    median, steps = rank0.get("medianMs"), (plan or {}).get("steps")
+    return float(median) * int(steps) / 1000.0 if median and steps else None
+
+
 def parse_time(text: Any) -> datetime | None:
     """A timestamp of the API (naive ones taken as UTC); None when absent or unreadable."""
     if not text:
