@@ -671,13 +671,28 @@ class GpuTelemetry(Model):
     timestamp: datetime | None = None
 
 
+class LearnedSpeed(Model):
+    """One GPU's speed as a finished job's workers measured it (planner units: an H100 SXM is 1.0, its load
+    included), for the next plans of the same kind of job (written by the operator)."""
+
+    index: int = Field(ge=0)
+    family: str
+    resolution: str = Field(description='The image size, "WIDTHxHEIGHT".')
+    compiled: bool = False
+    speed: float = Field(gt=0)
+    measured_at: datetime
+    job: str = Field("", description="namespace/name of the job that measured it.")
+
+
 class GpuNodeStatus(Model):
-    """Telemetry of every GPU of a node."""
+    """Telemetry of every GPU of a node (the agent's), and the speeds finished jobs measured on them (the
+    operator's)."""
 
     gpus: list[GpuTelemetry] = Field(default_factory=list)
     updated: datetime | None = None
     nvml: bool = True
     message: str = ""
+    learned: list[LearnedSpeed] = Field(default_factory=list, max_length=64)
 
 
 class GpuNodeSpec(Model):

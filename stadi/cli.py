@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from stadi import __version__, logs
+from stadi import __version__, gpus, logs
 from stadi.api import QUALITIES, STRATEGIES, Plan, load_job
 from stadi.families import FAMILIES, runs_cfg
 from stadi.planner import LINKS, Device, PlanRequest, plan
@@ -132,8 +132,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = plan(request, pool)
     except ValueError as error:
         raise UsageError(f"stadi plan: {error}") from None
-    print(result.model_dump_json(indent=2) if args.json else format_plan(result))
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        print((format_pool(pool) + "\n\n" if args.explain else "") + format_plan(result))
     return 0
+
+
+def format_pool(pool: list[Device]) -> str:
+    """Where each GPU's speed comes from (``--explain``): a measured speed (a finished job's, given in the pool)
+    ahead of the catalogue speed times (1 - load)."""
+    lines = ["speeds of the pool (an H100 SXM is 1.0):"]
+    for i, d in enumerate(pool):
+        where = f"{d.node or '-'}/{d.product}#{d.index if d.index is not None else i}"
+        source = ("measured by an earlier job" if d.speed is not None else
+                  f"catalogue {gpus.resolve(d.product).speed:.3f} x (1 - load {d.load:.2f})")
+        lines.append(f"  {where:<36} {d.effective_speed():6.3f}  {source}")
+    return "\n".join(lines)
 
 
 def format_plan(p: Plan) -> str:
@@ -191,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("--gpus-file", help="YAML/JSON list of {product, load, node, index, speed}")
     pool.add_argument("--link", help=f"{', '.join(LINKS)} or GB/s (default: from the pool)")
     p.add_argument("--job", help="take model, size, steps and parallelism from a DiffusionJob YAML")
+    p.add_argument("--explain", action="store_true", help="also say where each GPU's speed comes from (a measured "
+                   "speed of the pool, e.g. one the operator learned from a finished job, or the catalogue)")
     p.add_argument("--model", choices=FAMILIES, default="sdxl")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)

@@ -118,7 +118,8 @@ class Publisher:
         """Create the GPUNode if needed, then merge-patch its status."""
         if not self._exists:
             self.ensure()
-        patch = {"status": status.dump()}
+        # status.learned is the operator's (speeds finished jobs measured): a merge patch without it keeps it
+        patch = {"status": {k: v for k, v in status.dump().items() if k != "learned"}}
         try:
             self._patch(patch)
         except Exception as error:

@@ -72,6 +72,7 @@ class Custom:
 # Cluster-scoped custom resources the controller reads (``Kube.get_cluster``).
 CLUSTER_RESOURCES: dict[str, Custom] = {
     "WorkloadPriorityClass": Custom("kueue.x-k8s.io", "v1beta2", "workloadpriorityclasses"),
+    "GPUNode": Custom(GROUP, VERSION, "gpunodes"),
 }
 
 RESOURCES: dict[str, Builtin | Custom] = {
@@ -132,6 +133,22 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+        return json.loads(response.data) if response.data else {}
+
+    def create_cluster(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a cluster-scoped custom object (``CLUSTER_RESOURCES``); the stored object comes back."""
+        resource = CLUSTER_RESOURCES[body["kind"]]
+        response = k8s.CustomObjectsApi(self.client).create_cluster_custom_object(
+            resource.group, resource.version, resource.plural, body, _preload_content=False,
+            _request_timeout=self.timeout)
+        return json.loads(response.data) if response.data else {}
+
+    def patch_cluster_status(self, kind: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """JSON merge patch of a cluster-scoped custom object's status subresource."""
+        resource = CLUSTER_RESOURCES[kind]
+        response = k8s.CustomObjectsApi(self.client).patch_cluster_custom_object_status(
+            resource.group, resource.version, resource.plural, name, body, _preload_content=False,
+            _request_timeout=self.timeout, _content_type=MERGE_PATCH)
         return json.loads(response.data) if response.data else {}
 
     def list(self, kind: str, namespace: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:

@@ -55,6 +55,9 @@ class OperatorSettings(BaseSettings):
     worker_cache_claim: str | None = Field(
         None, description="Mount this PersistentVolumeClaim of the job's namespace as the workers' cache.")
     liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port when set.")
+    learned_half_life: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Seconds after which a speed learned from a finished job weighs half in "
+        "the next plans (the rest: the catalogue speed times (1 - load)).")
     metrics_port: int | None = Field(None, ge=0, le=65535,
                                      description="Serve Prometheus /metrics on this port when set.")
     dra_device_class: str = Field(

@@ -67,8 +67,10 @@ OPERATOR_MATRIX: list[Check] = [
     ("delete", "nodes", None, "", False),
     ("update", "nodes", None, "status", False),
     ("get", "nodes", None, "proxy", False),
-    ("create", "gpunodes.stadi.dev", None, "", False),
-    ("patch", "gpunodes.stadi.dev", None, "status", False),
+    ("create", "gpunodes.stadi.dev", None, "", True),  # where no agent made one: learned speeds go there
+    ("patch", "gpunodes.stadi.dev", None, "status", True),
+    ("delete", "gpunodes.stadi.dev", None, "", False),
+    ("patch", "gpunodes.stadi.dev", None, "", False),
     ("list", "pods", None, "", False),  # namespaced mode: not across namespaces
     ("create", "pods", OTHER_NS, "", False),
     ("list", "diffusionjobs.stadi.dev", OTHER_NS, "", False),

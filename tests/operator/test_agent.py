@@ -237,6 +237,7 @@ async def test_gpunode_created_once_then_status_patched(kmock: Any) -> None:
     assert len(patches) == 3
     assert patches[0].headers["Content-Type"] == "application/merge-patch+json"
     status = patches[-1].data["status"]
+    assert "learned" not in status  # the operator's speeds stay as they are
     assert status["nvml"] is True and status["message"] == ""
     h = status["gpus"][0]
     assert (h["product"], h["utilization"], h["throttleReasons"], h["processCount"]) == (

@@ -21,6 +21,7 @@ from stadi_operator.controller import handlers
 from stadi_operator.controller.adoption import ensure
 from stadi_operator.controller.gpu_book import GpuBook
 from stadi_operator.controller.inventory import PodUsage, node_info, pod_usage, slice_gpus
+from stadi_operator.controller.inventory import telemetry as inventory_telemetry
 from stadi_operator.controller.runtime import Runtime
 from stadi_operator.devcluster.nodes import GPUNodeSpec
 from stadi_operator.kube import Kube
@@ -35,6 +36,7 @@ RESOURCES = ("v1/pods", "v1/configmaps", "v1/services", "v1/serviceaccounts", "v
              "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings",
              "resource.k8s.io/v1/resourceclaimtemplates", "kueue.x-k8s.io/v1beta2/workloads", JOB)
 WORKLOADS = "kueue.x-k8s.io/v1beta2/workloads"
+GPUNODES = "stadi.dev/v1alpha1/gpunodes"
 
 
 def gpu_node(name: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3") -> dict[str, Any]:
@@ -59,6 +61,7 @@ class Cluster:
         self.foreign_pods: list[dict[str, Any]] = []
         for resource in RESOURCES:
             server.resources[resource] = kmocklib.ResourceInfo(namespaced=True)
+        server.resources[GPUNODES] = kmocklib.ResourceInfo(namespaced=False)
 
     # --- objects ---
 
@@ -122,8 +125,10 @@ class Cluster:
         slices: dict[str, list[Any]] = {}
         for found in filter(None, map(slice_gpus, self.slices)):
             slices.setdefault(found[0], []).append(found[1])
+        telemetry = {found.node: [found] for found in map(inventory_telemetry, self.live(GPUNODES).values())
+                     if found is not None}
         return {"stadi_nodes": {n["metadata"]["name"]: [node_info(n)] for n in self.nodes},
-                "stadi_gpu_pods": pods, "stadi_telemetry": {}, "stadi_gpu_slices": slices}
+                "stadi_gpu_pods": pods, "stadi_telemetry": telemetry, "stadi_gpu_slices": slices}
 
     async def call(self, handler: Callable[..., None], name: str = "cats", *, apply: bool = True) -> kopf.Patch:
         """Run a handler as kopf would (sync handlers in a thread) and apply its patch to the object."""
@@ -827,3 +832,57 @@ async def test_metrics_follow_the_jobs(cluster: Cluster) -> None:
     assert _sample(cluster, "stadi_jobs", phase="Failed") == 1
     await cluster.call(handlers.forget, "bad")
     assert _sample(cluster, "stadi_jobs", phase="Failed") == 0
+
+
+# --- speeds that persist -------------------------------------------------------------------------------------
+
+
+async def _finish(cluster: Cluster, name: str) -> None:
+    for pod in cluster.pods():
+        if pod.startswith(f"{name}-a1-"):
+            cluster.set_pod(pod, "Succeeded")
+    await cluster.call(handlers.reconcile, name)
+
+
+async def _succeed_with_speeds(cluster: Cluster, name: str, speeds: list[float]) -> dict[str, Any]:
+    await cluster.create(name)
+    cluster.server.objects[JOB, NS, name].patch({"status": {"measured": [
+        {"rank": rank, "speed": speed, "stepMs": []} for rank, speed in enumerate(speeds)]}})
+    await _finish(cluster, name)
+    assert cluster.status(name)["phase"] == "Succeeded"
+    return cluster.status(name)
+
+
+async def test_a_finished_jobs_speeds_plan_the_next_one_and_fade_with_age(cluster: Cluster) -> None:
+    """The first job's measured speeds land in the GPUNodes (created where no agent made one); the next job of
+    the same family, resolution and compile setting plans with them and says so; one of another resolution
+    does not; half a half-life later a learned speed weighs half against the catalogue."""
+    gpus3 = {"parallelism": {"gpus": {"min": 3}}}
+    cluster.add_job("first", **gpus3)
+    first = await _succeed_with_speeds(cluster, "first", [0.5, 0.25, 0.25])
+    learned = {name: node["status"]["learned"] for name, node in cluster.live(GPUNODES).items()}
+    by_rank = {(r["node"], r["gpuIndex"]): r["rank"] for r in first["plan"]["ranks"]}
+    measured = {(node, e["index"]): e["speed"] for node, entries in learned.items() for e in entries}
+    assert measured == {key: [0.5, 0.25, 0.25][rank] for key, rank in by_rank.items()}
+    assert {(e["family"], e["resolution"], e["compiled"], e["job"]) for entries in learned.values()
+            for e in entries} == {("sdxl", "1024x1024", False, f"{NS}/first")}
+
+    cluster.add_job("second", **gpus3)
+    await cluster.create("second")
+    speeds = {(r["node"], r["gpuIndex"]): r["speed"] for r in cluster.status("second")["plan"]["ranks"]}
+    assert speeds == pytest.approx(measured)
+    assert any(reason == "LearnedSpeeds" and "first" not in message and "weight 1.00" in message
+               for reason, message in cluster.events())
+
+    await _finish(cluster, "second")
+
+    cluster.add_job("other", height=512, width=512, **gpus3)
+    await cluster.create("other")
+    assert all(r["speed"] == 1.0 for r in cluster.status("other")["plan"]["ranks"])  # H100s, idle: catalogue
+    await _finish(cluster, "other")
+
+    cluster.now += timedelta(seconds=cluster.settings.learned_half_life)
+    cluster.add_job("later", **gpus3)
+    await cluster.create("later")
+    later = {(r["node"], r["gpuIndex"]): r["speed"] for r in cluster.status("later")["plan"]["ranks"]}
+    assert later == pytest.approx({key: 0.5 * speed + 0.5 * 1.0 for key, speed in measured.items()})

@@ -117,7 +117,8 @@ OPERATOR_JOB_RIGHTS = {
 }
 OPERATOR_INVENTORY_RIGHTS = {
     *expand("", "nodes", "list watch"),
-    *expand("stadi.dev", "gpunodes", "list watch"),
+    *expand("stadi.dev", "gpunodes", "list watch get create"),  # and learned speeds into their status:
+    *expand("stadi.dev", "gpunodes/status", "patch"),
     *expand("resource.k8s.io", "resourceslices resourceclaims", "list watch"),  # GPUs published through DRA
     *expand("kueue.x-k8s.io", "workloadpriorityclasses", "get"),  # a queued job's priority
     *expand("apiextensions.k8s.io", "customresourcedefinitions", "list watch"),  # kopf's resource observation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,17 @@ def test_quality_limits_what_auto_picks(capsys: pytest.CaptureFixture[str]) -> N
     assert (balanced.strategy, exact.strategy, fastest.strategy) == ("stadi", "single", "stadi")
     assert [r.stride for r in balanced.ranks] == [1, 3] and [r.stride for r in fastest.ranks] == [1, 4]
     assert fastest.predicted_seconds < balanced.predicted_seconds < exact.predicted_seconds
+
+
+def test_explain_says_where_each_speed_comes_from(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--explain: a measured speed of the pool (one the operator learned from a finished job) is used ahead of the
+    catalogue, and the table says which is which."""
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump([{"product": "H100", "node": "node-a", "index": 0, "speed": 1.5},
+                                    {"product": "H100", "node": "node-a", "index": 1, "load": 0.5}]))
+    assert main(["plan", "--gpus-file", str(path), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"node-a/H100#0 +1\.500  measured by an earlier job", out)
+    assert re.search(r"node-a/H100#1 +0\.500  catalogue 1\.000 x \(1 - load 0\.50\)", out)
+    assert main(["plan", "--gpus-file", str(path)]) == 0
+    assert "measured by an earlier job" not in capsys.readouterr().out

@@ -44,6 +44,7 @@ Modules, each importing only those above it:
 - ``gpu_book``: GPUs promised to just-created pods until kopf's pod index shows them or their job sees them finished.
 - ``indexes``: kopf's inventory indexes and the planner devices they offer a job.
 - ``runtime``: what every handler needs (settings, API adapter, book, clock) and one run's view of a job.
+- ``learning``: speeds measured by finished jobs, written to the GPUNodes and taken by later plans.
 - ``admission``: the spec checked by the pydantic model, and the InvalidSpec verdict.
 - ``adoption``: create a child unless it exists, adopt an orphan, read back a committed plan.
 - ``queueing``: Kueue: the attempt's Workload, whether it is admitted or evicted, its release.

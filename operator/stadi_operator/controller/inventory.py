@@ -75,12 +75,25 @@ class DraGpu:
 
 
 @dataclass(frozen=True)
+class Learned:
+    """A speed a finished job measured on one GPU of the node (a GPUNode's ``status.learned`` entry)."""
+
+    index: int
+    family: str
+    resolution: str
+    compiled: bool
+    speed: float
+    measured_at: datetime
+
+
+@dataclass(frozen=True)
 class Telemetry:
-    """A GPUNode's utilization per GPU index, and when it was measured."""
+    """A GPUNode's utilization per GPU index, and when it was measured; the speeds finished jobs learned."""
 
     node: str
     updated: datetime | None
     loads: Mapping[int, float] = field(default_factory=dict)
+    learned: tuple[Learned, ...] = ()
 
 
 def quantity(text: Any) -> int:
@@ -220,7 +233,13 @@ def telemetry(body: Mapping[str, Any]) -> Telemetry | None:
             loads[gpu["index"]] = min(max(float(gpu.get("utilization") or 0.0), 0.0), 1.0)
             stamps.append(_timestamp(gpu.get("timestamp")))
     known = [s for s in stamps if s is not None]
-    return Telemetry(node=node, updated=max(known) if known else None, loads=loads)
+    learned = tuple(
+        Learned(int(e["index"]), str(e["family"]), str(e["resolution"]), bool(e.get("compiled")), float(e["speed"]),
+                when)
+        for e in status.get("learned") or []
+        if isinstance(e.get("index"), int) and float(e.get("speed") or 0) > 0
+        and (when := _timestamp(e.get("measuredAt"))) is not None)
+    return Telemetry(node=node, updated=max(known) if known else None, loads=loads, learned=learned)
 
 
 def tolerates(tolerations: Sequence[Toleration], taint: Mapping[str, Any]) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from stadi.api import DiffusionJob, DiffusionJobStatus, Plan
 from stadi.planner import plan_job
 from stadi_operator.controller import children as ch
-from stadi_operator.controller import queueing
+from stadi_operator.controller import learning, queueing
 from stadi_operator.controller.adoption import committed_plan, ensure, sync
 from stadi_operator.controller.runtime import Job
 from stadi_operator.controller.status import stamp
@@ -39,9 +39,10 @@ def _launch(job: Job, spec_job: DiffusionJob, announce_wait: bool) -> bool:
     if plan is None:
         pool = job.indexes.devices(spec_job, excluded, job.now, settings.telemetry_stale_after,
                                    pods=job.runtime.book.with_promises(job.indexes.pods))
+        learned = learning.learned_speeds(job.indexes.telemetry, spec_job.spec, job.now, settings.learned_half_life)
         try:
             with job.runtime.metrics.planning.time():
-                plan = plan_job(spec_job.spec, pool)
+                plan = plan_job(spec_job.spec, learning.with_learned(pool, learned))
         except ValueError as error:
             message = f"no plan for attempt {attempt}: {error}" + (
                 f" (excluded nodes: {', '.join(excluded)})" if excluded else "")
@@ -49,6 +50,8 @@ def _launch(job: Job, spec_job: DiffusionJob, announce_wait: bool) -> bool:
             if st.condition("Planned", "False", "NoCapacity", message) and announce_wait:
                 job.event("Unschedulable", message, warning=True)
             return False
+        if used := learning.used(plan, learned):
+            job.event("LearnedSpeeds", f"attempt {attempt} planned with speeds measured by earlier jobs: {used}")
     _begin(job, spec_job, plan, attempt, adopted)
     return True
 

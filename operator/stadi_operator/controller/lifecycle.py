@@ -8,9 +8,11 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from stadi.api import DiffusionJob, Plan
 from stadi_operator.controller import children as ch
-from stadi_operator.controller import inventory, pods, queueing
+from stadi_operator.controller import inventory, learning, pods, queueing
 from stadi_operator.controller.adoption import controlled_by
 from stadi_operator.controller.launch import launch
 from stadi_operator.controller.metrics import measured_over_predicted
@@ -192,6 +194,14 @@ def succeed(job: Job, spec_job: DiffusionJob) -> None:
         st.set(progress=progress)
     st.condition("Scheduled", "True", "Completed", "all worker pods completed")
     st.condition("Complete", "True", "Succeeded", f"images written to {spec_job.spec.output.uri}")
+    try:
+        recorded = learning.record(job, spec_job.spec)
+    except ApiException as error:  # the next plans lose a measurement; the job has its images
+        job.event("SpeedsNotRecorded", f"measured speeds not written to the GPUNodes: {error.status} "
+                  f"{error.reason}", warning=True)
+    else:
+        if recorded:
+            job.logger.info(f"measured speeds of {recorded} GPU(s) written to their GPUNodes")
     job.event("Succeeded", f"attempt {st.get('attempts')}: images written to {spec_job.spec.output.uri}")
 
 
