@@ -206,7 +206,7 @@ def test_example_job_runs_to_success(stadi: Stadi, example: Path, cleanup: list[
     assert row["PREDICTED"] == f"{st['plan']['predictedSeconds']:.2f}s"  # seconds that read well
     assert row["AGE"]
     wide = stadi.kubectl("get", "dj", name, "-n", JOBS_NS, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-1] == "NODES" and all(r["node"] in wide[1] for r in st["plan"]["ranks"])
+    assert wide[0].split()[-2:] == ["NODES", "SPEEDUP"] and all(r["node"] in wide[1] for r in st["plan"]["ranks"])
 
     finish_pods(stadi, found)
     st = wait_phase(stadi, name, "Succeeded")
