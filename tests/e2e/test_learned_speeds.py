@@ -28,7 +28,15 @@ def events(stadi: Stadi, name: str) -> list[tuple[str, str]]:
     return [(e["reason"], e["message"]) for e in items]
 
 
+def forget_learned(stadi: Stadi, nodes: list[str]) -> None:
+    for node in nodes:
+        stadi.kubectl("patch", "gpunode", node, "--subresource=status", "--type=merge", "-p",
+                      json.dumps({"status": {"learned": []}}), check=False)
+
+
 def test_the_second_job_is_planned_from_the_firsts_measurements(stadi: Stadi) -> None:
+    # earlier tests' jobs may have reported speeds too: start from none
+    forget_learned(stadi, [n["metadata"]["name"] for n in stadi.cluster.kubectl_json("get", "gpunodes")["items"]])
     touched: set[str] = set()
     try:
         stadi.cluster.apply(job("learn-first"), "-n", JOBS_NS)
@@ -47,13 +55,12 @@ def test_the_second_job_is_planned_from_the_firsts_measurements(stadi: Stadi) ->
         stadi.cluster.apply(job("learn-second"), "-n", JOBS_NS)
         second = wait_phase(stadi, "learn-second", "Running")["plan"]
         speeds = {(r["node"], r["gpuIndex"]): r["speed"] for r in second["ranks"] if not r.get("idle")}
-        assert set(speeds) == gpus and all(s == pytest.approx(FAST, rel=1e-3) for s in speeds.values())
+        # on the first job's GPUs (faster than any other now; maybe fewer of them), at their measured speed
+        assert speeds and set(speeds) <= gpus and all(s == pytest.approx(FAST, rel=1e-3) for s in speeds.values())
         assert any(reason == "LearnedSpeeds" for reason, _ in events(stadi, "learn-second"))
         finish_pods(stadi, pods(stadi, "learn-second", 1))
         wait_phase(stadi, "learn-second", "Succeeded")
     finally:
         for name in ("learn-first", "learn-second"):
             stadi.kubectl("delete", "diffusionjob", name, "-n", JOBS_NS, "--wait=false", check=False)
-        for node in touched:  # later tests plan on the catalogue again
-            stadi.kubectl("patch", "gpunode", node, "--subresource=status", "--type=merge", "-p",
-                          json.dumps({"status": {"learned": []}}), check=False)
+        forget_learned(stadi, sorted(touched))  # later tests plan on the catalogue again
