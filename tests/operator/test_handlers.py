@@ -614,7 +614,8 @@ async def test_suspending_a_running_job_stops_its_pods_and_resuming_plans_a_new_
     _suspend(cluster, True, 2)
     await cluster.call(handlers.respec)
     assert cluster.status()["phase"] == "Suspended" and cluster.pods() == {}
-    assert "2 worker pod(s) stopped; the images written so far are kept" in cluster.condition("Suspended")["message"]
+    assert "attempt 1's worker pod(s) stopped; the images written so far are kept" in cluster.condition(
+        "Suspended")["message"]
     assert "Suspended" in cluster.reasons()
     await cluster.call(handlers.reconcile)  # the timer leaves a suspended job alone
     assert cluster.status()["phase"] == "Suspended" and cluster.pods() == {}

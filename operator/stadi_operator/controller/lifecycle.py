@@ -52,18 +52,20 @@ def suspend(job: Job, found: list[dict[str, Any]]) -> None:
     st = job.status
     if st.phase == "Suspended":
         return
-    stopped = stop(job, found)
+    stop(job, found)
     job.runtime.book.release(found)
     queueing.release(job)
     attempt = int(st.get("attempts", 0))
     if job.runtime.volcano and attempt:
         job.kube.delete("PodGroup", job.namespace, ch.pod_group_name(job.name, attempt))
-    message = (f"spec.suspend is true: {stopped} worker pod(s) stopped; the images written so far are kept, and "
-               "the missing ones are generated when spec.suspend is set false" if stopped else
+    # Said by the attempt, not by what this run deleted: the update handler and the timer may both see the job
+    # running, and the second finds the pods already going.
+    message = (f"spec.suspend is true: attempt {attempt}'s worker pod(s) stopped; the images written so far are "
+               "kept, and the missing ones are generated when spec.suspend is set false" if attempt else
                "spec.suspend is true: no worker pods until it is set false")
     st.set(phase="Suspended")
     st.condition("Suspended", "True", "Suspended", message)
-    if stopped:
+    if attempt:
         st.condition("Scheduled", "False", "Suspended", message)
     job.event("Suspended", message)
 
