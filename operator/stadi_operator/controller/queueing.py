@@ -62,16 +62,21 @@ def ensure_workload(job: Job, queue: str, attempt: int, pods: list[dict[str, Any
     return workload
 
 
-def current(job: Job) -> dict[str, Any] | None:
-    """The Workload of the job's current attempt, if the job is queued and it exists."""
+def _current_name(job: Job) -> str | None:
+    """The name of the current attempt's Workload, if the job is queued and has started an attempt."""
     attempt = int(job.status.get("attempts", 0))
     if queue_of(job.body) is None or not attempt or not job.runtime.kueue:
         return None
-    return job.kube.get("Workload", job.namespace, ch.workload_name(job.name, attempt))
+    return ch.workload_name(job.name, attempt)
+
+
+def current(job: Job) -> dict[str, Any] | None:
+    """The Workload of the job's current attempt, if the job is queued and it exists."""
+    name = _current_name(job)
+    return None if name is None else job.kube.get("Workload", job.namespace, name)
 
 
 def release(job: Job) -> None:
     """Delete the current attempt's Workload (its attempt ended or stopped): Kueue hands its quota back."""
-    attempt = int(job.status.get("attempts", 0))
-    if queue_of(job.body) is not None and attempt and job.runtime.kueue:
-        job.kube.delete("Workload", job.namespace, ch.workload_name(job.name, attempt))
+    if (name := _current_name(job)) is not None:
+        job.kube.delete("Workload", job.namespace, name)
