@@ -106,12 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="2,1")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-bands", action="store_true")
+    parser.add_argument("--skip-images", action="store_true", help="band steps only (no whole images)")
     parser.add_argument("--cache-dir", default="/tmp/stadi-cache")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    from stadi_worker.engine.bands import Workspace
-    from stadi_worker.engine.options import EngineOptions
     from stadi_worker.engine.serial import generate_serial
     from stadi_worker.job.loading import load_pipeline
     from stadi_worker.models import ops_for
@@ -135,6 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     def image(ws: Any) -> Any:
         return generate_serial(pipe, spec, spec.prompts[0], 0, decode=False, workspace=ws)
 
+    if not args.skip_images:
+        images(report, save, image, ops, spec)
+    if not args.skip_bands:
+        report["bands"] = bands(ops, spec, args, save)
+    print(json.dumps({k: v for k, v in report.items() if k != "bands"}, indent=1))
+    for entry in report.get("bands", []):
+        print(entry)
+    return 0
+
+
+def images(report: dict[str, Any], save: Any, image: Any, ops: Any, spec: DiffusionJobSpec) -> None:
+    """Whole images on one GPU: the worker compiled (first image and later ones), by hand, and graphed."""
+    from stadi_worker.engine.bands import Workspace
+    from stadi_worker.engine.options import EngineOptions
+
     compiled_ws = Workspace(EngineOptions(compile="1"))
     first = _image_s(lambda: image(compiled_ws))
     later = [_image_s(lambda: image(compiled_ws)) for _ in range(3)]
@@ -154,33 +168,37 @@ def main(argv: list[str] | None = None) -> int:
                                 "step_ms": round(statistics.median(image(graphed_ws).step_ms), 3)}
     save()
     graphed_ws.close()
-    if not args.skip_bands:
-        from stadi_bench.band_steps import band_step_ms
+    compiled_ws.close()
 
-        latent = args.height // profile(args.family).vae_factor
-        bands: list[dict[str, Any]] = []
-        report["bands"] = bands
-        # a guidance-distilled family has one branch: batch 1 only
-        for batch in (int(b) for b in args.batches.split(",") if spec.uses_cfg or b.strip() == "1"):
-            # one workspace per kind and batch, as a job keeps one: a compile serves every later band height
-            spaces = {"graphed": Workspace(EngineOptions(compile="0")),
-                      "compiled": Workspace(EngineOptions(compile="1"))}
-            for rows in (int(r) for r in args.rows.split(",")):
-                entry: dict[str, Any] = {"batch": batch, "rows": rows}
-                for key, ws in spaces.items():
-                    start = time.perf_counter()
-                    ms = band_step_ms(ops, spec, band_plan(args.family, latent, rows, spec.uses_cfg), ws, batch,
-                                      args.repeats)
-                    entry[f"{key}_ms"] = {phase: round(v, 3) for phase, v in ms.items()}
-                    entry[f"{key}_setup_s"] = round(time.perf_counter() - start, 2)
-                bands.append(entry)
-                save()
-            for ws in spaces.values():
-                ws.close()
-    print(json.dumps({k: v for k, v in report.items() if k != "bands"}, indent=1))
-    for entry in report.get("bands", []):
-        print(entry)
-    return 0
+
+def bands(ops: Any, spec: DiffusionJobSpec, args: argparse.Namespace, save: Any) -> list[dict[str, Any]]:
+    """One band's step per height and batch, graphed and compiled; ``eager_keys`` counts the step keys whose
+    capture failed for good (their times are not a graph's)."""
+    from stadi_worker.engine.bands import Workspace
+    from stadi_worker.engine.options import EngineOptions
+
+    from stadi_bench.band_steps import band_step_ms
+
+    latent = args.height // profile(args.family).vae_factor
+    found: list[dict[str, Any]] = []
+    # a guidance-distilled family has one branch: batch 1 only
+    for batch in (int(b) for b in args.batches.split(",") if spec.uses_cfg or b.strip() == "1"):
+        # one workspace per kind and batch, as a job keeps one: a compile serves every later band height
+        spaces = {"graphed": Workspace(EngineOptions(compile="0")), "compiled": Workspace(EngineOptions(compile="1"))}
+        for rows in (int(r) for r in args.rows.split(",")):
+            entry: dict[str, Any] = {"batch": batch, "rows": rows}
+            for key, ws in spaces.items():
+                start = time.perf_counter()
+                ms = band_step_ms(ops, spec, band_plan(args.family, latent, rows, spec.uses_cfg), ws, batch,
+                                  args.repeats)
+                entry[f"{key}_ms"] = {phase: round(v, 3) for phase, v in ms.items()}
+                entry[f"{key}_setup_s"] = round(time.perf_counter() - start, 2)
+                entry[f"{key}_eager_keys"] = ws.graphs.eager_keys if ws.graphs is not None else 0
+            found.append(entry)
+            save()
+        for ws in spaces.values():
+            ws.close()
+    return found
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ An eager step on a GPU is launch-bound (an SDXL UNet step costs ~100 ms on our H
 height); replayed as a graph it costs what its kernels cost. The first call of a key runs eagerly: it
 initialises what is lazily created (cuBLAS workspaces, NCCL communicators, the exchange buffers at fixed
 addresses); the second call captures and replays; later calls copy their inputs into the graph's static
-inputs and replay. Collectives inside the step (the band exchanges) are captured with it.
+inputs and replay. Collectives inside the step (the band exchanges) are captured with it. A compiled step may
+compile again on its second call (a guard on state its first call changed); with a cold inductor cache that
+compile benchmarks kernels, which a capture forbids: a failed capture is tried once more on the next call (the
+compile is done by then) before the key runs eagerly for good.
 
 All graphs of one ``StepGraphs`` share one memory pool: they never run concurrently and each replay
 writes its intermediates before reading them; outputs are copied out at once, so no graph reads memory
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+CAPTURE_TRIES = 2  # captures of one key before it runs eagerly for good
 
 
 @dataclass
@@ -37,7 +41,7 @@ class StepGraphs:
     enabled: bool
     _graphs: dict[Hashable, _Graph] = field(default_factory=dict)
     _seen: set[Hashable] = field(default_factory=set)
-    _eager: set[Hashable] = field(default_factory=set)  # keys whose capture failed
+    _failed: dict[Hashable, int] = field(default_factory=dict)  # failed captures per key
     # what a step function notes about itself while its Python runs (eager or capture), for its replays
     notes: dict[Hashable, Any] = field(default_factory=dict)
     _pool: Any = None
@@ -58,21 +62,27 @@ class StepGraphs:
         full = self._full_key(key, inputs)
         entry = self._graphs.get(full)
         if entry is None:
-            if full not in self._seen or full in self._eager:
+            if full not in self._seen or self._failed.get(full, 0) >= CAPTURE_TRIES:
                 self._seen.add(full)
                 return fn(*inputs)
             try:
                 entry = self._graphs[full] = self._capture(fn, inputs)
             except RuntimeError as error:  # a slower step, not a failed job: every rank fails alike
-                log.warning("CUDA graph capture failed; the step runs eagerly",
-                            extra={"key": repr(key), "error": str(error)[:400]})
-                self._eager.add(full)
+                self._failed[full] = self._failed.get(full, 0) + 1
+                final = self._failed[full] >= CAPTURE_TRIES
+                log.warning("CUDA graph capture failed (%s); the step runs eagerly%s", str(error)[:300],
+                            "" if final else " and is captured again on its next call", extra={"key": repr(key)})
                 torch.cuda.synchronize()
                 return fn(*inputs)
         for static, x in zip(entry.inputs, inputs, strict=True):
             static.copy_(x)
         entry.graph.replay()
         return entry.output.clone()
+
+    @property
+    def eager_keys(self) -> int:
+        """How many keys gave up their graph (failed every capture) and run eagerly."""
+        return sum(1 for n in self._failed.values() if n >= CAPTURE_TRIES)
 
     def close(self) -> None:
         """Free every graph. Graphs holding captured NCCL collectives must be gone before the process group
@@ -83,6 +93,7 @@ class StepGraphs:
             entry.graph.reset()
         self._graphs.clear()
         self._seen.clear()
+        self._failed.clear()
         self.notes.clear()
         self._pool = None
 
