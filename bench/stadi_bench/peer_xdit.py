@@ -41,6 +41,9 @@ CONFIGS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 FAMILIES = tuple(CONFIGS)
+# xDiT's single-GPU path (every degree 1, one rank): the check on one GPU that its pipeline of a family runs on
+# stadi's weights, and the peer's own one-GPU figure (``python -m stadi_bench.peer_xdit``)
+SINGLE: dict[str, tuple[str, ...]] = {"single": (), "single-compile": _COMPILE}
 DRIVER = tuple(python_module("stadi_bench.xdit_driver"))
 
 
@@ -73,13 +76,14 @@ def parse_configs(text: str, family: str = "sd3") -> list[str]:
 
 
 def driver_argv(config: str, job: PeerJob, json_out: Path) -> list[str]:
-    """The driver's arguments for ``config`` (xfuser's CLI plus the driver's own)."""
+    """The driver's arguments for ``config`` (xfuser's CLI plus the driver's own); ``config`` is one of the
+    family's 2-GPU configurations or a ``SINGLE`` one."""
     # --warmup_steps: PipeFusion's synchronous first steps, xfuser's default and the kit's setting
     return ["--model", str(job.model_dir), "--height", str(job.height), "--width", str(job.width),
             "--num_inference_steps", str(job.steps), "--guidance_scale", str(job.guidance), "--seed", str(job.seed),
             "--warmup_steps", "1", "--bench_prompt", job.prompt, "--dtype", job.dtype,
             "--warmup_runs", str(job.warmup_runs), "--repeats", str(job.runs), "--json_out", str(json_out),
-            "--family", job.family, *CONFIGS[job.family][config]]
+            "--family", job.family, *(SINGLE[config] if config in SINGLE else CONFIGS[job.family][config])]
 
 
 def log_tail(path: Path, lines: int = 6) -> list[str]:
@@ -100,13 +104,15 @@ def log_tail(path: Path, lines: int = 6) -> list[str]:
 
 def run_config(config: str, job: PeerJob, workdir: Path, env: dict[str, str], rank_env: dict[int, dict[str, str]],
                timeout_s: float, driver: tuple[str, ...] = DRIVER) -> dict[str, Any]:
-    """One configuration on ``WORLD`` local ranks: the driver's result, or what went wrong."""
+    """One configuration on ``WORLD`` local ranks (one for a ``SINGLE`` one): the driver's result, or what went
+    wrong."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "result.json"
     out.unlink(missing_ok=True)
-    ranks = run_ranks([*driver, *driver_argv(config, job, out)], WORLD, workdir, timeout_s, env=env,
+    world = 1 if config in SINGLE else WORLD
+    ranks = run_ranks([*driver, *driver_argv(config, job, out)], world, workdir, timeout_s, env=env,
                       rank_env=rank_env)
-    logs = [rank_log(workdir, r) for r in range(WORLD)]
+    logs = [rank_log(workdir, r) for r in range(world)]
     if ranks.ok and out.exists():
         entry = json.loads(out.read_text())
         entry["seconds"] = ranks.seconds
@@ -175,3 +181,43 @@ def merge(peers: list[dict[str, Any]]) -> dict[str, Any] | None:
     out["levels"] = {level: best(configs) for level, configs in levels.items()}
     out["configs"] = list(dict.fromkeys(n for p in peers for n in p.get("configs", [])))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """xDiT's single-GPU path on one GPU: every ``SINGLE`` configuration on stadi's pipeline of a family."""
+    import argparse
+    import os
+
+    from stadi_worker.job.loading import resolve_source
+
+    from stadi.api import ModelSource
+
+    parser = argparse.ArgumentParser(prog="python -m stadi_bench.peer_xdit", description=main.__doc__)
+    parser.add_argument("--family", default="flux", choices=FAMILIES)
+    parser.add_argument("--source", default="random://full")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=400.0, help="seconds per configuration")
+    parser.add_argument("--cache-dir", default=os.environ.get("STADI_CACHE", "/tmp/stadi-cache"))
+    parser.add_argument("--work", default="/tmp/stadi-peer-single")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    source = ModelSource.model_validate({"family": args.family, "source": args.source, "dtype": "float16"})
+    job = PeerJob(model_dir=resolve_source(source, Path(args.cache_dir)), family=args.family, height=args.height,
+                  width=args.height, steps=args.steps, guidance=args.guidance, seed=42,
+                  prompt="a lighthouse on a cliff at dusk", dtype="float16", runs=args.runs, warmup_runs=1)
+    report: dict[str, Any] = {"command": " ".join(["python -m stadi_bench.peer_xdit", *(argv or sys.argv[1:])]),
+                              "family": args.family, "height": args.height, "steps": args.steps, "configs": {}}
+    for name in SINGLE:
+        report["configs"][name] = run_config(name, job, Path(args.work) / name, dict(os.environ), {}, args.timeout)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        entry = report["configs"][name]
+        what = entry.get("error") or f"{entry['latency_ms'] / 1e3:.3f} s"
+        print(f"xDiT {name}: {what} ({entry['seconds']} s)", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

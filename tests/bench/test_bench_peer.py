@@ -102,6 +102,17 @@ def test_run_level_records_every_configuration(tmp_path: Path, driver: tuple[str
     assert seen[0]["argv"][-1] == "--use_cfg_parallel"
 
 
+def test_single_gpu_path_runs_one_rank_without_parallel_flags(tmp_path: Path, driver: tuple[str, ...]) -> None:
+    flux = job(family="flux")
+    for name, flags, ms in (("single", [], 3330.0), ("single-compile", ["--use_torch_compile"], 1140.0)):
+        entry = peer_xdit.run_config(name, flux, tmp_path / name, {}, {}, timeout_s=20, driver=driver)
+        assert entry["latency_ms"] == ms
+        seen = json.loads((tmp_path / name / "env0.json").read_text())
+        assert (seen["world"], seen["rank"]) == ("1", "0") and not (tmp_path / name / "env1.json").exists()
+        argv = seen["argv"]
+        assert argv[argv.index("--family") + 1:] == ["flux", *flags]
+
+
 def test_best_ignores_failures() -> None:
     entry = peer_xdit.best({"cfg": {"latency_ms": 1590.0}, "ring": {"error": "timed out after 5 s"},
                             "ulysses": {"latency_ms": 900.0, "error": "final latents not finite"}})
