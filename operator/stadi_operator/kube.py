@@ -84,6 +84,7 @@ RESOURCES: dict[str, Builtin | Custom] = {
     "Role": Builtin(k8s.RbacAuthorizationV1Api, "role"),
     "RoleBinding": Builtin(k8s.RbacAuthorizationV1Api, "role_binding"),
     "ResourceClaimTemplate": Builtin(k8s.ResourceV1Api, "resource_claim_template"),
+    "NetworkPolicy": Builtin(k8s.NetworkingV1Api, "network_policy"),
     "PodGroup": Custom("scheduling.volcano.sh", "v1beta1", "podgroups"),
     "Workload": Custom("kueue.x-k8s.io", "v1beta2", "workloads"),
     "DiffusionJob": Custom(GROUP, VERSION, "diffusionjobs"),
@@ -129,6 +130,17 @@ class Kube:
             response = k8s.CustomObjectsApi(self.client).get_cluster_custom_object(
                 resource.group, resource.version, resource.plural, name, _preload_content=False,
                 _request_timeout=self.timeout)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return json.loads(response.data) if response.data else {}
+
+    def namespace(self, name: str) -> dict[str, Any] | None:
+        """The Namespace object (its metadata is what the controller reads), or None when there is none."""
+        try:
+            response = k8s.CoreV1Api(self.client).read_namespace(name, _preload_content=False,
+                                                                 _request_timeout=self.timeout)
         except ApiException as error:
             if error.status == 404:
                 return None

@@ -8,6 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from stadi.policy import Limits
+
+LIMITS = Limits()  # the defaults of the limits below
+# Linux's default ephemeral ports (net.ipv4.ip_local_port_range): where NCCL's and Gloo's sockets listen, besides
+# the rendezvous port.
+EPHEMERAL_PORTS = (32768, 60999)
+
 # kopf keeps handler progress and the last-handled spec in annotations with this prefix instead of its
 # default `status.kopf`: the DiffusionJob status schema is generated from the pydantic model and has no
 # room for kopf's bookkeeping (the apiserver would prune it and kopf would re-run handlers forever).
@@ -25,6 +32,21 @@ class OperatorSettings(BaseSettings):
     worker_image: str | None = Field(
         None, description="Worker image used when a job does not set spec.template.image explicitly."
     )
+    allowed_images: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Worker images a job may name in spec.template.image (comma-separated in "
+        "the env): repositories, prefixes ending in '/', sha256: digests (stadi.policy.image_allowed). The "
+        "repository of the worker image is always allowed.")
+    max_prompts: int = Field(LIMITS.max_prompts, ge=1, description="Prompts (so images) per job.")
+    max_prompt_length: int = Field(LIMITS.max_prompt_length, ge=1, description="Characters of one prompt.")
+    max_prompts_from_bytes: int = Field(LIMITS.max_prompts_from_bytes, ge=1,
+                                        description="Bytes of a promptsFrom object (the workers check it).")
+    network_policy: bool = Field(False, description="Give each job a NetworkPolicy for its worker pods: ingress "
+                                 "and egress within its gang, plus the egress rules of worker_egress.")
+    collective_ports: tuple[Annotated[int, Field(ge=1, le=65535)], Annotated[int, Field(ge=1, le=65535)]] = Field(
+        EPHEMERAL_PORTS, description="The port range the ranks' collectives listen on (JSON [from, to]).")
+    worker_egress: list[dict[str, Any]] = Field(
+        default_factory=list, description="NetworkPolicy egress rules of every worker pod besides its gang (JSON): "
+        "DNS, the API server, the storage endpoints.")
     rendezvous_port: int = Field(29500, ge=1, le=65535, description="torchrun master port of rank 0.")
     unschedulable_timeout: float = Field(
         120.0, gt=0, description="Seconds a gang may stay unschedulable (or unplannable) before a re-plan."
@@ -82,6 +104,13 @@ class OperatorSettings(BaseSettings):
             raise ValueError("set worker_cache_host_path or worker_cache_claim, not both")
         return self
 
+    @field_validator("collective_ports")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] > value[1]:
+            raise ValueError(f"the range {value[0]}-{value[1]} is empty: give [from, to] with from <= to")
+        return value
+
     @property
     def worker_cache(self) -> dict[str, Any]:
         """The volume source of the workers' cache."""
@@ -91,7 +120,13 @@ class OperatorSettings(BaseSettings):
             return {"persistentVolumeClaim": {"claimName": self.worker_cache_claim}}
         return {"emptyDir": {}}
 
-    @field_validator("namespaces", mode="before")
+    @property
+    def limits(self) -> Limits:
+        """The sizes a job's untrusted inputs may have."""
+        return Limits(max_prompts=self.max_prompts, max_prompt_length=self.max_prompt_length,
+                      max_prompts_from_bytes=self.max_prompts_from_bytes)
+
+    @field_validator("namespaces", "allowed_images", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -23,8 +23,10 @@ import jsonschema
 import pytest
 import yaml
 from stadi_operator.controller.children import DEFAULT_WORKER_IMAGE
+from stadi_operator.settings import OperatorSettings
 
 from stadi.api import PodTemplate
+from stadi.policy import CHART_VALUES, SECRETS_ANNOTATION, Limits
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "stadi"
@@ -111,6 +113,7 @@ OPERATOR_JOB_RIGHTS = {
     *expand("", "configmaps services serviceaccounts", "get create patch"),
     *expand("rbac.authorization.k8s.io", "roles rolebindings", "get create patch"),
     *expand("", "events", "create"),
+    *expand("", "namespaces", "get"),  # the job's Namespace: the Secrets it marks for jobs (never a Secret)
     *expand("resource.k8s.io", "resourceclaimtemplates", "get create patch"),
     *expand("kueue.x-k8s.io", "workloads", "get create patch delete"),  # a queued job's Workload per attempt
     *expand("scheduling.volcano.sh", "podgroups", "get create patch delete"),
@@ -125,6 +128,7 @@ OPERATOR_INVENTORY_RIGHTS = {
 }
 NAMESPACE_OBSERVATION = set(expand("", "namespaces", "list watch"))  # kopf, when it serves a namespace list
 AGENT_RIGHTS = {("stadi.dev", "gpunodes", "create"), ("stadi.dev", "gpunodes/status", "patch")}
+NETWORK_POLICY_RIGHTS = set(expand("networking.k8s.io", "networkpolicies", "get create patch"))  # when enabled
 
 
 # --- static: no helm --------------------------------------------------------------------------------------
@@ -401,3 +405,61 @@ def test_no_rule_grants_wildcards_secrets_or_node_writes() -> None:
                 assert resource not in ("secrets", "pods/exec", "pods/attach", "nodes/proxy"), where
                 assert not (resource.startswith("nodes") and verb not in ("get", "list", "watch")), where
                 assert verb not in ("escalate", "bind", "impersonate"), where
+
+
+# --- what a job may ask for (issue 20) --------------------------------------------------------------------
+
+API_SERVER_RULE = '[{"to":[{"ipBlock":{"cidr":"10.0.0.1/32"}}],"ports":[{"protocol":"TCP","port":6443}]}]'
+
+
+def test_limits_defaults_are_the_pythons() -> None:
+    values = chart_values()["limits"]
+    assert {CHART_VALUES[name]: getattr(Limits(), name) for name in CHART_VALUES} == {
+        f"limits.{key}": value for key, value in values.items()}
+
+
+def test_admission_policy_takes_the_chart_lists_and_limits_as_parameters() -> None:
+    docs = render("security.allowedImages={registry.local/team/,sha256:" + "a" * 64 + "}", "limits.maxPrompts=7")
+    params = one(docs, "ConfigMap", "stadi-job-policy", NAMESPACE)
+    assert params["data"] == {"images": f"{WORKER_REPO},registry.local/team/,sha256:{'a' * 64}", "maxPrompts": "7",
+                              "maxPromptLength": str(Limits().max_prompt_length)}
+    policy = one(docs, "ValidatingAdmissionPolicy", "stadi-jobs.stadi.dev")
+    assert policy["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "ConfigMap"}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    # the annotation the operator reads is the one the policy reads
+    assert f"'{SECRETS_ANNOTATION}'" in json.dumps(policy["spec"]["variables"])
+    binding = one(docs, "ValidatingAdmissionPolicyBinding", "stadi-jobs.stadi.dev")
+    assert binding["spec"]["policyName"] == "stadi-jobs.stadi.dev"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["paramRef"] == {"name": "stadi-job-policy", "namespace": NAMESPACE,
+                                           "parameterNotFoundAction": "Deny"}
+    env = {e["name"]: e.get("value") for e in
+           one(docs, "Deployment", "stadi-operator", NAMESPACE)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STADI_OPERATOR_ALLOWED_IMAGES"] == params["data"]["images"]  # one list, two lines of defence
+    assert env["STADI_OPERATOR_MAX_PROMPTS"] == "7"
+    assert env["STADI_OPERATOR_MAX_PROMPTS_FROM_BYTES"] == str(Limits().max_prompts_from_bytes)
+    assert not [d for d in render("security.admissionPolicy=false") if "Admission" in d["kind"]]
+
+
+def test_network_policy_settings_reach_the_operator_and_its_rights(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = [doc for doc in yaml.safe_load_all(helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", "networkPolicy.enabled=true",
+        "--set-json", f"networkPolicy.apiServer={API_SERVER_RULE}")) if doc]
+    container = one(docs, "Deployment", "stadi-operator", NAMESPACE)["spec"]["template"]["spec"]["containers"][0]
+    for item in container["env"]:
+        if item["name"].startswith("STADI_OPERATOR_"):
+            monkeypatch.setenv(item["name"], item["value"])
+    settings = OperatorSettings()  # read from the environment the chart gives the operator
+    assert settings.network_policy and settings.collective_ports == (32768, 60999)
+    assert [rule["ports"][0]["port"] for rule in settings.worker_egress] == [53, 6443]  # DNS, then the API server
+    assert grants(one(docs, "ClusterRole", "stadi-operator")["rules"]) == OPERATOR_JOB_RIGHTS | NETWORK_POLICY_RIGHTS
+    assert NETWORK_POLICY_RIGHTS.isdisjoint(grants(one(render(), "ClusterRole", "stadi-operator")["rules"]))
+
+
+def test_network_policy_needs_the_api_server_rule() -> None:
+    binary = helm_binary()
+    if binary is None:
+        pytest.skip("helm not found")
+    done = subprocess.run([binary, "template", RELEASE, str(CHART), "--set", "networkPolicy.enabled=true"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0 and "networkPolicy.apiServer" in done.stderr

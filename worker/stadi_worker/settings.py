@@ -11,11 +11,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stadi.policy import Limits
 from stadi_worker.engine.options import EngineOptions
 from stadi_worker.engine.runtime import DEFAULT_TIMEOUT_S, TEARDOWN_S
 from stadi_worker.job.loading import DEFAULT_CACHE, models_dir
 from stadi_worker.job.status import DEFAULT_INTERVAL_S, SA_DIR
 
+LIMITS = Limits()  # the defaults of the limits below (the operator passes the chart's)
 DEFAULT_CONFIG_DIR = Path("/etc/stadi")  # where the operator mounts the job's ConfigMap
 # where worker pods mount the output credentials Secret (the operator mounts it here)
 DEFAULT_CREDENTIALS_DIR = Path("/var/run/secrets/stadi/output")
@@ -41,6 +43,11 @@ class WorkerSettings(BaseSettings):
         f"{DEFAULT_CREDENTIALS_DIR} when it exists, else boto3's chain (the environment).")
     cache: Path = Field(DEFAULT_CACHE, description="Node cache: models copied from object storage, random pipelines, "
                         "compiled artifacts.")
+    # the cluster's limits on untrusted inputs (the operator sets the chart's)
+    max_prompts: int = Field(LIMITS.max_prompts, ge=1, description="Prompts (so images) per job.")
+    max_prompt_length: int = Field(LIMITS.max_prompt_length, ge=1, description="Characters of one prompt.")
+    max_prompts_from_bytes: int = Field(LIMITS.max_prompts_from_bytes, ge=1,
+                                        description="Bytes of the promptsFrom object; larger is refused unread.")
     # execution
     device: Literal["cpu", "cuda"] | None = Field(None, description="Default: cuda when a GPU is visible.")
     exact: bool = Field(False, description="Synchronous exchange at every step (exact, slower).")
@@ -67,6 +74,12 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def limits(self) -> Limits:
+        """The sizes the job's inputs may have."""
+        return Limits(max_prompts=self.max_prompts, max_prompt_length=self.max_prompt_length,
+                      max_prompts_from_bytes=self.max_prompts_from_bytes)
 
     @property
     def engine(self) -> EngineOptions:

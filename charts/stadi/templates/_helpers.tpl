@@ -77,6 +77,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.operator.workerImage.repository (default .Chart.AppVersion .Values.operator.workerImage.tag) }}
 {{- end }}
 
+{{/* The worker images a job may name, comma-separated: the worker image's repository, then security.allowedImages
+(the operator's STADI_OPERATOR_ALLOWED_IMAGES and the admission policy's parameter). */}}
+{{- define "stadi.allowedImages" -}}
+{{- prepend .Values.security.allowedImages .Values.operator.workerImage.repository | uniq | join "," }}
+{{- end }}
+
+{{/* The egress rules of every worker pod besides its gang, as JSON (STADI_OPERATOR_WORKER_EGRESS). */}}
+{{- define "stadi.workerEgress" -}}
+{{- $np := .Values.networkPolicy }}
+{{- if not $np.apiServer }}
+{{- fail "networkPolicy.apiServer: give the egress rules to the API server (its endpoint addresses and port) when networkPolicy.enabled is true" }}
+{{- end }}
+{{- concat $np.dns $np.apiServer $np.storage | toJson }}
+{{- end }}
+
 {{/*
 The operator's rights on DiffusionJobs and their children, exactly the API calls it makes (controller/, kube.py,
 kopf): one set of rules, bound cluster-wide (all namespaces) or per watched namespace.
@@ -112,6 +127,17 @@ kopf): one set of rules, bound cluster-wide (all namespaces) or per watched name
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The job's Namespace, for its stadi.dev/job-secrets annotation (the Secrets its jobs may use): the operator never
+# reads a Secret. In a namespace's Role this grants exactly that namespace.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
+{{- if .Values.networkPolicy.enabled }}
+# The per-job NetworkPolicy of the worker pods: created once, read back, patched to sync or adopt.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
+{{- end }}
 # The claim template of a worker pod on a node whose GPUs DRA publishes (the resourceclaim controller makes the
 # pod's claim from it): created once, read back, patched to sync or adopt.
 - apiGroups: ["resource.k8s.io"]

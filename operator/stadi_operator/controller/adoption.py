@@ -65,7 +65,8 @@ def committed_plan(config_map: Mapping[str, Any] | None, owner: ch.Owner, attemp
 
 
 def sync(kube: Kube, current: Mapping[str, Any], desired: Mapping[str, Any]) -> None:
-    """Bring the per-attempt parts of long-lived children up to date (plan data, Service selector)."""
+    """Bring the per-attempt parts of long-lived children up to date (plan data, Service selector), and a
+    NetworkPolicy to the operator's current rules."""
     kind, meta = desired["kind"], desired["metadata"]
     if kind == "ConfigMap":
         want = meta["annotations"][ch.ANNOTATION_ATTEMPT]
@@ -77,3 +78,5 @@ def sync(kube: Kube, current: Mapping[str, Any], desired: Mapping[str, Any]) -> 
         selector = desired["spec"]["selector"]
         if (current.get("spec") or {}).get("selector") != selector:
             kube.patch(kind, meta["namespace"], meta["name"], {"spec": {"selector": selector}})
+    elif kind == "NetworkPolicy" and current.get("spec") != desired["spec"]:
+        kube.patch(kind, meta["namespace"], meta["name"], {"spec": desired["spec"]})

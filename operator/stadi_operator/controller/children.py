@@ -2,8 +2,9 @@
 
 Children: ConfigMap ``<job>-plan`` (plan.json, job.json), headless Service ``<job>`` (rank 0's DNS name),
 ServiceAccount/Role/RoleBinding ``<job>-worker`` (the Role allows only patching this job's status, for
-progress), optionally a Volcano PodGroup, and one worker pod per planned node running torchrun with one
-process per planned GPU. A job in a Kueue queue also gets a Workload per attempt (``workload``), created before
+progress), optionally a NetworkPolicy ``<job>-worker`` (the gang talks only to itself, DNS, the API server and
+storage) and a Volcano PodGroup, and one worker pod per planned node running torchrun with one process per
+planned GPU. A job in a Kueue queue also gets a Workload per attempt (``workload``), created before
 the rest, which wait for Kueue to admit it. Every child carries a controller ownerReference to the job (kopf's),
 so deleting the job deletes them (outputs in object storage stay).
 """
@@ -19,6 +20,7 @@ import kopf
 
 from stadi import __version__
 from stadi.api import API_VERSION, GROUP, DiffusionJobSpec, Plan
+from stadi.policy import Limits
 from stadi_operator.controller.inventory import DRA_INDICES_ANNOTATION, GPU_DRIVER, HOSTNAME_LABEL, PRODUCT_LABEL
 
 APP = "stadi-worker"
@@ -76,6 +78,11 @@ class WorkerOptions:
     # was given a node directory or a claim
     cache: Mapping[str, Any] = field(default_factory=lambda: {"emptyDir": {}})
     dra_device_class: str = "gpu.nvidia.com"  # the DeviceClass a pod on a DRA node claims its GPUs from
+    limits: Limits = field(default_factory=Limits)  # the workers check promptsFrom against them
+    # A NetworkPolicy per job when set: the egress rules besides the gang's (DNS, API server, storage), and the
+    # port range of the ranks' collectives.
+    egress: tuple[Mapping[str, Any], ...] | None = None
+    collective_ports: tuple[int, int] = (32768, 60999)
 
 
 @dataclass(frozen=True)
@@ -231,6 +238,9 @@ def _env(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot,
         {"name": "STADI_OUTPUT", "value": spec.output.uri},
         {"name": "STADI_CACHE", "value": CACHE_DIR},
         {"name": "STADI_PROGRESS_INTERVAL", "value": f"{options.progress_interval:g}"},
+        {"name": "STADI_MAX_PROMPTS", "value": str(options.limits.max_prompts)},
+        {"name": "STADI_MAX_PROMPT_LENGTH", "value": str(options.limits.max_prompt_length)},
+        {"name": "STADI_MAX_PROMPTS_FROM_BYTES", "value": str(options.limits.max_prompts_from_bytes)},
     ]
     if spec.output.endpoint:
         env.append({"name": "STADI_ENDPOINT", "value": spec.output.endpoint})
@@ -241,6 +251,26 @@ def _env(owner: Owner, spec: DiffusionJobSpec, attempt: int, slot: PodSlot,
         ]
     # CUDA_VISIBLE_DEVICES is deliberately absent: the device plugin sets it to the GPUs it allocated.
     return env
+
+
+def network_policy(owner: Owner, options: WorkerOptions) -> dict[str, Any]:
+    """The job's worker pods talk to each other (rendezvous and collectives, both ways) and, outbound, only where
+    ``options.egress`` says (the chart's DNS, API server and storage rules). Never derived from the job: its
+    endpoint is the tenant's word, and a rule made from it would open any address to the pods."""
+    gang = {"podSelector": {"matchLabels": labels(owner)}}
+    low, high = options.collective_ports
+    ports = [{"protocol": "TCP", "port": options.port},
+             {"protocol": "TCP", "port": low, **({"endPort": high} if high > low else {})}]
+    return owned(owner, {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(owner, worker_name(owner.name)),
+        "spec": {
+            "podSelector": {"matchLabels": labels(owner)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [gang], "ports": ports}],
+            "egress": [{"to": [gang], "ports": ports}, *(dict(rule) for rule in options.egress or ())],
+        },
+    })
 
 
 def claim_template_name(pod: str) -> str:
@@ -371,15 +401,17 @@ def workload(owner: Owner, queue: str, attempt: int, pods: list[dict[str, Any]],
 
 def children(owner: Owner, spec: DiffusionJobSpec, plan: Plan, attempt: int, options: WorkerOptions,
              dra_nodes: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-    """Everything an attempt needs, in creation order: identity and RBAC, plan, Service, gang, the GPU claim
-    templates of the pods on DRA nodes (``dra_nodes``), pods."""
+    """Everything an attempt needs, in creation order: identity and RBAC, the NetworkPolicy (before any pod, so
+    none runs unfenced), plan, Service, gang, the GPU claim templates of the pods on DRA nodes (``dra_nodes``),
+    pods."""
     slots = pod_slots(plan)
     indices = {s.index: tuple(plan.ranks[r].gpu_index or 0 for r in s.ranks) if s.node in dra_nodes else ()
                for s in slots}
     pods = [worker_pod(owner, spec, attempt, s, len(slots), options, indices[s.index]) for s in slots]
     claims = [gpu_claim_template(owner, attempt, s, indices[s.index], options) for s in slots if indices[s.index]]
     group = [pod_group(owner, attempt, len(pods))] if options.volcano else []
+    fence = [network_policy(owner, options)] if options.egress is not None else []
     return [
-        service_account(owner), role(owner), role_binding(owner), config_map(owner, spec, plan, attempt),
+        service_account(owner), role(owner), role_binding(owner), *fence, config_map(owner, spec, plan, attempt),
         service(owner, attempt, options.port), *group, *claims, *pods,
     ]

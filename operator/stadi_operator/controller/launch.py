@@ -7,6 +7,7 @@ from stadi.api import DiffusionJob, DiffusionJobStatus, Plan
 from stadi.planner import plan_job
 from stadi_operator.controller import children as ch
 from stadi_operator.controller import learning, queueing
+from stadi_operator.controller.admission import refusal, reject
 from stadi_operator.controller.adoption import committed_plan, ensure, sync
 from stadi_operator.controller.runtime import Job
 from stadi_operator.controller.status import stamp
@@ -16,9 +17,13 @@ def launch(job: Job, spec_job: DiffusionJob, *, announce_wait: bool = True) -> b
     """Start attempt ``attempts + 1``: plan (or adopt the committed plan), then phase Queued until Kueue admits
     it (a queued job) or at once Scheduling with its children created. The previous attempt's Workload is
     released. Without a plan (no usable GPUs), phase Planning with ``Planned=False`` and False is returned; the
-    timer tries again and gives up after the unschedulable timeout."""
+    timer tries again and gives up after the unschedulable timeout. A job the cluster refuses (``refusal``) is
+    Failed at once, before any plan or child."""
     with job.runtime.book.lock:
         queueing.release(job)
+        if refused := refusal(job, spec_job):
+            reject(job, refused[1], refused[0])
+            return True
         return _launch(job, spec_job, announce_wait)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 
+from stadi.policy import repository
 from stadi_operator.controller import children as ch
 from stadi_operator.controller.gpu_book import GpuBook
 from stadi_operator.controller.indexes import Indexes
@@ -40,7 +41,17 @@ class Runtime:
         s = self.settings
         return ch.WorkerOptions(image=s.worker_image, port=s.rendezvous_port, volcano=self.volcano,
                                 run_as_user=s.worker_uid, progress_interval=s.progress_interval,
-                                cache=s.worker_cache, dra_device_class=s.dra_device_class)
+                                cache=s.worker_cache, dra_device_class=s.dra_device_class, limits=s.limits,
+                                egress=tuple(s.worker_egress) if s.network_policy else None,
+                                collective_ports=s.collective_ports)
+
+
+    @property
+    def allowed_images(self) -> list[str]:
+        """The worker images a job may name: the repository of the worker image, then the settings' list (the
+        chart's order)."""
+        default = repository(self.settings.worker_image or ch.DEFAULT_WORKER_IMAGE)
+        return list(dict.fromkeys([default, *self.settings.allowed_images]))
 
 
 def runtime_of(memo: Any) -> Runtime:

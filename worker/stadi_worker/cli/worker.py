@@ -97,7 +97,7 @@ def run_worker(settings: WorkerSettings) -> int:
             # Rank 0's events also go to the job's status (best-effort, throttled, never raises).
             manifest = run_job(spec, the_plan, ctx, store, compose(emit, to_status), job_name=name,
                                exact=settings.exact, cache_dir=settings.models_dir, credentials_dir=credentials,
-                               options=settings.engine, pace=pacer(factor, ctx.device))
+                               limits=settings.limits, options=settings.engine, pace=pacer(factor, ctx.device))
             if manifest is not None and to_status is not None:
                 to_status.finish(manifest)  # every rank's step times into status.measured
         if manifest is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stadi.api import DiffusionJobSpec, Plan
+from stadi.policy import LimitError, Limits, check_prompts_size, prompt_problems
 from stadi_worker.engine.options import EngineOptions
 from stadi_worker.engine.sampling import Pace
 from stadi_worker.job.loading import DEFAULT_CACHE, models_dir
@@ -34,7 +35,7 @@ from stadi_worker.job.manifest import (
     now,
 )
 from stadi_worker.job.progress import Progress, ProgressEvent
-from stadi_worker.job.storage import StorageError, Store, local_path, open_store
+from stadi_worker.job.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +58,31 @@ def encode_image(image: Any, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def load_prompts(spec: DiffusionJobSpec, credentials_dir: Path | None = None) -> list[str]:
-    """The job's prompts: ``spec.prompts``, or one per non-blank line of the ``promptsFrom`` object."""
+def load_prompts(spec: DiffusionJobSpec, credentials_dir: Path | None = None,
+                 limits: Limits | None = None) -> list[str]:
+    """The job's prompts: ``spec.prompts``, or one per non-blank line of the ``promptsFrom`` object, within the
+    cluster's ``limits`` (LimitError naming the field otherwise): an object over the byte limit is refused from
+    its size, never read."""
+    limits = limits or Limits()
     if spec.prompts is not None:
-        return list(spec.prompts)
-    assert spec.prompts_from is not None  # the API guarantees exactly one of the two
-    uri = spec.prompts_from
-    path = local_path(uri)
-    if path is not None:
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise StorageError(f"cannot read prompts {uri}: {error.strerror or error}") from error
+        prompts, field = list(spec.prompts), "spec.prompts"
     else:
+        assert spec.prompts_from is not None  # the API guarantees exactly one of the two
+        uri, field = spec.prompts_from, "spec.promptsFrom"
         parent, _, name = uri.rpartition("/")
         # promptsFrom lives on the same S3 service as the output (one endpoint and secret per job).
-        text = open_store(parent, spec.output.endpoint, credentials_dir, check=False).get(name).decode()
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"promptsFrom {uri} holds no prompts")
+        store = open_store(parent, spec.output.endpoint, credentials_dir, check=False)
+        data, size = store.get_at_most(name, limits.max_prompts_from_bytes)
+        check_prompts_size(size, uri, limits)
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"spec.promptsFrom: {uri} is not UTF-8 text (byte {error.start})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"promptsFrom {uri} holds no prompts")
+    if problems := prompt_problems(prompts, limits, field, spec.negative_prompt):
+        raise LimitError("; ".join(problems))
     return prompts
 
 
@@ -137,6 +144,7 @@ def run_job(
     exact: bool = False,
     cache_dir: Path | None = None,
     credentials_dir: Path | None = None,
+    limits: Limits | None = None,
     options: EngineOptions | None = None,
     pace: Pace | None = None,
     load_pipeline: Callable[..., Any] | None = None,
@@ -146,10 +154,9 @@ def run_job(
 
     ``ctx`` is the runtime's DistContext (rank, world_size, device, backend). ``store`` is needed on rank 0
     only. ``progress`` receives rank 0's events. ``cache_dir`` keeps the node's model copies (default: the
-user's cache);
-    ``credentials_dir`` holds the S3 keys of the job's objects. ``options`` and ``pace`` go to the engine
-    (``generate``). ``load_pipeline``/``generate`` default to the engine's (tests substitute fakes). Returns
-    the manifest on rank 0 and None on the other ranks.
+    user's cache); ``credentials_dir`` holds the S3 keys of the job's objects; ``limits`` bound its prompts.
+    ``options`` and ``pace`` go to the engine (``generate``). ``load_pipeline``/``generate`` default to the
+    engine's (tests substitute fakes). Returns the manifest on rank 0 and None on the other ranks.
     """
     if load_pipeline is None:
         from stadi_worker.job.loading import load_pipeline as load
@@ -176,7 +183,7 @@ user's cache);
     prompts: list[str] = []
     if lead:
         assert store is not None
-        prompts = load_prompts(spec, credentials_dir)
+        prompts = load_prompts(spec, credentials_dir, limits)
         todo = [i for i in range(len(prompts)) if not store.exists(image_name(i, spec.output.format))]
     prompts, todo = _broadcast((prompts, todo), ctx)
     total, skipped = len(prompts), len(prompts) - len(todo)

@@ -66,6 +66,11 @@ class Store(Protocol):
         """The bytes stored under ``name`` (StorageError when missing)."""
         ...
 
+    def get_at_most(self, name: str, limit: int) -> tuple[bytes, int]:
+        """The object's bytes and its size, reading no more than ``limit`` + 1 bytes: an object larger than
+        ``limit`` comes back empty with its size (never read into memory)."""
+        ...
+
     def uri(self, name: str) -> str:
         """The URI of ``name`` (whether or not it exists)."""
         ...
@@ -126,6 +131,18 @@ class LocalStore:
             return path.read_bytes()
         except OSError as error:
             raise StorageError(f"cannot read {path.as_uri()}: {error.strerror or error}") from error
+
+    def get_at_most(self, name: str, limit: int) -> tuple[bytes, int]:
+        path = self.root / _check_name(name)
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                return b"", size
+            with path.open("rb") as fh:
+                data = fh.read(limit + 1)  # the file may have grown since the stat
+        except OSError as error:
+            raise StorageError(f"cannot read {path.as_uri()}: {error.strerror or error}") from error
+        return data, len(data)
 
 
 # --- S3 -------------------------------------------------------------------------------------------------
@@ -291,6 +308,19 @@ class S3Store:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
         except Exception as error:
             raise _storage_error("read", self.uri(name), self.endpoint, error) from error
+
+    def get_at_most(self, name: str, limit: int) -> tuple[bytes, int]:
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
+            if size > limit:
+                return b"", size
+            # A range bounds the body even if the object was replaced by a larger one since the HEAD.
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name), Range=f"bytes=0-{limit}")["Body"]
+            data = body.read(limit + 1)
+            body.close()
+        except Exception as error:
+            raise _storage_error("read", self.uri(name), self.endpoint, error) from error
+        return data, len(data)
 
 
 def _content_type(name: str) -> str:
