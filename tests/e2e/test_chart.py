@@ -5,7 +5,10 @@ operator gets.
 The session fixture :func:`stadi` installs the release once (``test_jobs``, ``test_rbac`` and ``test_validation``
 import it from here) and starts ``stadi operator --namespace stadi-jobs`` with a TokenRequest token of
 ``stadi-system/stadi-operator``. The chart renders the operator's rights per watched namespace
-(``operator.watchNamespaces``) and leaves its Deployment out (``operator.enabled=false``: no image registry here).
+(``operator.watchNamespaces``) and leaves its Deployment out (``operator.enabled=false``: no image registry here);
+the operator's security settings (allowed images, limits, NetworkPolicy rules) are those the chart would give the
+Deployment (``SECURITY_SETTINGS``). The jobs' namespace is as a namespace owner would set it up: Pod Security
+``restricted`` enforced, and the example jobs' Secret marked for jobs (``stadi.dev/job-secrets``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from stadi_operator.devcluster.cluster import DevCluster
 from stadi_operator.devcluster.nodes import DEFAULT_NODES, GPUNodeSpec
+
+from stadi.policy import SECRETS_ANNOTATION
+from tests.policy_cases import EXTRA
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +48,17 @@ _STASH = pytest.StashKey["Stadi"]()
 # The operator's worker image setting (the chart's operator.workerImage): used when a job names none.
 WORKER_IMAGE = "ghcr.io/stadi-dev/stadi-worker:e2e"
 OPERATOR_COMMAND = [str(Path(sys.executable).with_name("stadi")), "operator"]
+# The release's security values (tests/policy_cases.py judges images against them), with the worker pods' egress:
+# DNS (the chart's default), the API server on loopback, and a storage network.
+EXAMPLE_SECRET = "stadi-s3-credentials"  # what manifests/examples name in output.credentialsSecret
+API_SERVER_EGRESS = '[{"to":[{"ipBlock":{"cidr":"127.0.0.1/32"}}],"ports":[{"protocol":"TCP","port":6443}]}]'
+STORAGE_EGRESS = '[{"to":[{"ipBlock":{"cidr":"10.200.0.0/16"}}],"ports":[{"protocol":"TCP","port":9000}]}]'
+HELM_VALUES = ["--set", "operator.enabled=false", "--set", f"operator.watchNamespaces={{{JOBS_NS}}}",
+               "--set", "operator.volcano=off", "--set", f"security.allowedImages={{{','.join(EXTRA)}}}",
+               "--set", "networkPolicy.enabled=true", "--set-json", f"networkPolicy.apiServer={API_SERVER_EGRESS}",
+               "--set-json", f"networkPolicy.storage={STORAGE_EGRESS}"]
+SECURITY_SETTINGS = ("ALLOWED_IMAGES", "MAX_PROMPTS", "MAX_PROMPT_LENGTH", "MAX_PROMPTS_FROM_BYTES", "NETWORK_POLICY",
+                     "COLLECTIVE_PORTS", "WORKER_EGRESS")
 
 
 def free_port() -> int:
@@ -92,15 +110,29 @@ class Stadi:
 def helm_install(cluster: DevCluster) -> str:
     """``helm install`` into stadi-system: CRDs, RBAC, agent DaemonSet; operator Deployment left out."""
     cluster.kubectl("create", "namespace", JOBS_NS)
+    cluster.kubectl("label", "namespace", JOBS_NS, "pod-security.kubernetes.io/enforce=restricted")
+    cluster.kubectl("annotate", "namespace", JOBS_NS, f"{SECRETS_ANNOTATION}={EXAMPLE_SECRET}")
     done = subprocess.run(
         [str(cluster.bin / "helm"), "install", RELEASE, str(CHART), "--namespace", SYSTEM_NS, "--create-namespace",
-         "--set", "operator.enabled=false", "--set", f"operator.watchNamespaces={{{JOBS_NS}}}",
-         "--set", "operator.volcano=off"],
+         *HELM_VALUES],
         capture_output=True, text=True, env=cluster.env(), timeout=180, check=False)
     assert done.returncode == 0, f"helm install failed:\n{done.stdout}\n{done.stderr}"
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     "crd/diffusionjobs.stadi.dev", "crd/gpunodes.stadi.dev")
     return done.stdout
+
+
+def chart_security_env(cluster: DevCluster) -> dict[str, str]:
+    """The security settings the chart gives the operator Deployment with the release's values."""
+    rendered = subprocess.run(
+        [str(cluster.bin / "helm"), "template", RELEASE, str(CHART), "--namespace", SYSTEM_NS, *HELM_VALUES,
+         "--set", "operator.enabled=true", "--show-only", "templates/operator-deployment.yaml"],
+        capture_output=True, text=True, env=cluster.env(), timeout=120, check=True).stdout
+    env = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]["env"]
+    wanted = {f"STADI_OPERATOR_{name}" for name in SECURITY_SETTINGS}
+    found = {item["name"]: item["value"] for item in env if item["name"] in wanted}
+    assert set(found) == wanted, found
+    return found
 
 
 def start_operator(cluster: DevCluster, workdir: Path) -> tuple[subprocess.Popen[bytes], Path, Path, int, int]:
@@ -119,6 +151,7 @@ def start_operator(cluster: DevCluster, workdir: Path) -> tuple[subprocess.Popen
         "STADI_OPERATOR_METRICS_PORT": str(metrics_port),
         "STADI_OPERATOR_WORKER_IMAGE": WORKER_IMAGE,
         "PYTHONUNBUFFERED": "1",
+        **chart_security_env(cluster),
     })
     with log.open("ab") as out:
         proc = subprocess.Popen([*OPERATOR_COMMAND, "--namespace", JOBS_NS, "--liveness", str(port)],

@@ -231,7 +231,11 @@ def _blocker(node: str, count: int) -> dict[str, Any]:
             "restartPolicy": "Never",
             "nodeSelector": {"kubernetes.io/hostname": node},
             "containers": [{"name": "hold", "image": "example.invalid/hold:1",
-                            "resources": {"limits": {"nvidia.com/gpu": str(count)}}}],
+                            "resources": {"limits": {"nvidia.com/gpu": str(count)}},
+                            # the namespace enforces Pod Security "restricted" (test_chart.helm_install)
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                                "runAsNonRoot": True, "runAsUser": 1000,
+                                                "seccompProfile": {"type": "RuntimeDefault"}}}],
         },
     }
 
@@ -422,7 +426,7 @@ def test_gpus_published_through_dra_are_planned_and_claimed(stadi: Stadi, dra_fl
         delete_job(stadi, name)
 
 
-CHILD_KINDS = ("pods,configmaps,services,serviceaccounts,"
+CHILD_KINDS = ("pods,configmaps,services,serviceaccounts,networkpolicies.networking.k8s.io,"
                "roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io")
 
 
@@ -441,7 +445,7 @@ def test_delete_job_garbage_collects_children(stadi: Stadi, dev_cluster: DevClus
     children = _children(stadi, "doomed")
     kinds = {c.split("/")[0] for c in children}
     assert {"pod", "configmap", "service", "serviceaccount", "role.rbac.authorization.k8s.io",
-            "rolebinding.rbac.authorization.k8s.io"} <= kinds, children
+            "rolebinding.rbac.authorization.k8s.io", "networkpolicy.networking.k8s.io"} <= kinds, children
     uid = job(stadi, "doomed")["metadata"]["uid"]
     for child in children:
         refs = stadi.cluster.kubectl_json("get", child, "-n", JOBS_NS)["metadata"]["ownerReferences"]

@@ -1,10 +1,13 @@
 """Least privilege, checked on the API server: a ``kubectl auth can-i --as`` matrix for each ServiceAccount of the
-chart (operator, agent) and for a job's worker ServiceAccount (created by the operator): what it needs → yes,
-the rest (Secrets, Node writes, pods/exec, other namespaces, other jobs, RBAC escalation) → no."""
+chart (operator, agent), for a job's worker ServiceAccount (created by the operator) and for a tenant that may only
+manage DiffusionJobs in its namespace (README, "Security model"): what it needs → yes, the rest (Secrets, Node
+writes, pods/exec, other namespaces, other jobs, RBAC escalation, the admission policy and its parameters, the
+Namespace's marks) → no."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -38,6 +41,10 @@ OPERATOR_MATRIX: list[Check] = [
     ("create", "roles.rbac.authorization.k8s.io", JOBS_NS, "", True),
     ("create", "rolebindings.rbac.authorization.k8s.io", JOBS_NS, "", True),
     ("create", "events", JOBS_NS, "", True),
+    # the job's Namespace, for the Secrets it marks for jobs (its annotation), and the per-job NetworkPolicy
+    ("get", f"namespaces/{JOBS_NS}", JOBS_NS, "", True),
+    ("create", "networkpolicies.networking.k8s.io", JOBS_NS, "", True),
+    ("patch", "networkpolicies.networking.k8s.io", JOBS_NS, "", True),
     # inventory, cluster-wide and read-only
     ("list", "nodes", None, "", True),
     ("watch", "nodes", None, "", True),
@@ -56,8 +63,15 @@ OPERATOR_MATRIX: list[Check] = [
     ("create", "diffusionjobs.stadi.dev", JOBS_NS, "", False),
     ("update", "diffusionjobs.stadi.dev", JOBS_NS, "", False),
     ("get", "secrets", JOBS_NS, "", False),
+    ("list", "secrets", JOBS_NS, "", False),
+    ("watch", "secrets", JOBS_NS, "", False),
     ("list", "secrets", None, "", False),
     ("get", "secrets", SYSTEM_NS, "", False),
+    ("get", f"namespaces/{OTHER_NS}", OTHER_NS, "", False),  # only the watched namespaces'
+    ("patch", f"namespaces/{JOBS_NS}", JOBS_NS, "", False),  # reads the marks, never sets them
+    ("delete", "networkpolicies.networking.k8s.io", JOBS_NS, "", False),
+    ("create", "networkpolicies.networking.k8s.io", OTHER_NS, "", False),
+    ("patch", "validatingadmissionpolicies.admissionregistration.k8s.io", None, "", False),
     ("create", "pods", JOBS_NS, "exec", False),
     ("get", "pods", JOBS_NS, "log", False),
     ("create", "serviceaccounts", JOBS_NS, "token", False),
@@ -134,6 +148,59 @@ def worker_matrix(job: str) -> list[Check]:
     ]
 
 
+TENANT_SA = "tenant"
+TENANT = f"system:serviceaccount:{JOBS_NS}:{TENANT_SA}"
+# A tenant's rights: DiffusionJobs in its namespace, nothing else (what the README's security model assumes).
+TENANT_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "diffusionjob-tenant", "namespace": JOBS_NS},
+               "rules": [{"apiGroups": ["stadi.dev"], "resources": ["diffusionjobs"],
+                          "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]}
+
+TENANT_MATRIX: list[Check] = [
+    ("create", "diffusionjobs.stadi.dev", JOBS_NS, "", True),
+    ("delete", "diffusionjobs.stadi.dev", JOBS_NS, "", True),
+    ("patch", "diffusionjobs.stadi.dev", JOBS_NS, "status", False),  # the status is the operator's
+    # another namespace: no jobs, pods or Secrets
+    ("create", "diffusionjobs.stadi.dev", OTHER_NS, "", False),
+    ("list", "diffusionjobs.stadi.dev", OTHER_NS, "", False),
+    ("delete", "diffusionjobs.stadi.dev", OTHER_NS, "", False),
+    ("get", "pods", OTHER_NS, "", False),
+    ("get", "secrets", OTHER_NS, "", False),
+    # its own namespace: no pods (so no image of its choosing), no Secrets, no marks
+    ("create", "pods", JOBS_NS, "", False),
+    ("get", "pods", JOBS_NS, "", False),
+    ("create", "pods", JOBS_NS, "exec", False),
+    ("get", "secrets", JOBS_NS, "", False),
+    ("list", "secrets", JOBS_NS, "", False),
+    ("create", "secrets", JOBS_NS, "", False),
+    ("patch", f"namespaces/{JOBS_NS}", JOBS_NS, "", False),
+    ("patch", "networkpolicies.networking.k8s.io", JOBS_NS, "", False),
+    ("delete", "networkpolicies.networking.k8s.io", JOBS_NS, "", False),
+    ("create", "roles.rbac.authorization.k8s.io", JOBS_NS, "", False),
+    ("create", "serviceaccounts", JOBS_NS, "token", False),  # e.g. the workers' token
+    # the policy, its binding and its parameters
+    ("patch", "configmaps/stadi-job-policy", SYSTEM_NS, "", False),
+    ("delete", "validatingadmissionpolicies.admissionregistration.k8s.io", None, "", False),
+    ("delete", "validatingadmissionpolicybindings.admissionregistration.k8s.io", None, "", False),
+]
+
+
+@pytest.fixture(scope="module", name="tenant")
+def tenant_fixture(stadi: Stadi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ServiceAccount that may only manage DiffusionJobs in the jobs' namespace; its kubeconfig."""
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "diffusionjob-tenant", "namespace": JOBS_NS},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "diffusionjob-tenant"},
+               "subjects": [{"kind": "ServiceAccount", "name": TENANT_SA, "namespace": JOBS_NS}]}
+    stadi.kubectl("create", "serviceaccount", TENANT_SA, "-n", JOBS_NS)
+    stadi.cluster.apply([TENANT_ROLE, binding])
+    try:
+        yield stadi.cluster.sa_kubeconfig(TENANT_SA, JOBS_NS, path=tmp_path_factory.mktemp("tenant") / "kubeconfig")
+    finally:
+        stadi.kubectl("delete", "rolebinding,role", "diffusionjob-tenant", "-n", JOBS_NS, "--ignore-not-found")
+        stadi.kubectl("delete", "serviceaccount", TENANT_SA, "-n", JOBS_NS, "--ignore-not-found")
+
+
 def can_i(stadi: Stadi, user: str, check: Check) -> bool:
     verb, resource, namespace, subresource, _ = check
     # The groups a ServiceAccount token carries, so that rights granted to them count too.
@@ -167,6 +234,10 @@ def test_operator_service_account(stadi: Stadi) -> None:
 
 def test_agent_service_account(stadi: Stadi) -> None:
     assert_matrix(stadi, AGENT, AGENT_MATRIX)
+
+
+def test_tenant_may_manage_jobs_in_its_namespace_only(stadi: Stadi, tenant: Path) -> None:
+    assert_matrix(stadi, TENANT, TENANT_MATRIX)
 
 
 @pytest.fixture
