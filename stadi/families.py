@@ -48,6 +48,13 @@ class FamilyProfile:
     # per-layer exchange; the bucketed one has nothing pending while a rank computes)
     window_wait_drag: float
     default_scheduler: str
+    # a banded step compiled (torch.compile inside its CUDA graph) costs this share of the graph's: measured per
+    # family on one H200 (the derivations below PROFILES); families not measured take their kind's
+    compiled_band: float
+    # what a banded step computes beyond alpha + beta * rows, with no collective: its wrappers staging its K/V
+    # (or halos, GroupNorm sums) and its queries attending over the whole image's K/V. Measured on one H200 (the
+    # derivations below PROFILES); the bucketed exchange's stale steps pay it, band_exchange_ms holds it already.
+    band_context_ms: float
     source: str  # where the constants come from
 
     @property
@@ -78,31 +85,52 @@ PROFILES: dict[str, FamilyProfile] = {
     # Measured on an H100 as CUDA graphs, b=2 at 1024^2: 42.7 ms @128 rows, 34.0 @96, 25.2 @64, 17.2 @32,
     # and 27.4 ms @128 rows with b=1  ->  alpha ~ 9 ms, beta ~ 0.13 ms/row/item (the founding design's figures).
     # Attention inputs at 64^2 (10 layers x 640 ch) and 32^2 (60 layers x 1280 ch): ~1.6 MB per row.
-    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, 7.5, 0.25, "euler",
+    "sdxl": FamilyProfile("sdxl", 4, 8, 9.0, 0.13, 1.64e6, 7.5, 0.25, "euler", 0.90, 5.2,
                           "measured: H100 CUDA graph, 1024^2; band exchange, window wait: 2x H200 NVLink"),
     # SD3-medium as CUDA graphs on an H100, b=2: 53.6 / 25.7 / 15.0 ms at 128 / 64 / 32 rows;
     # least-squares affine fit. 24 joint blocks x 1536 ch of image tokens (64 per latent row pair).
-    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, 6.7, 0.63, "flow-euler",
+    "sd3": FamilyProfile("sd3", 2, 8, 1.06, 0.203, 2.4e6, 6.7, 0.63, "flow-euler", 0.80, 4.2,
                          "measured: H100 CUDA graph, 1024^2; band exchange, window wait: 2x H200 NVLink"),
     # Estimates scaled from the SDXL measurement by parameter count; refined by measured runs.
-    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, 4.1, 0.25, "ddim",
+    "sd15": FamilyProfile("sd15", 8, 8, 6.0, 0.06, 0.9e6, 4.1, 0.25, "ddim", 0.90, 5.2,
                           "estimate from SDXL by parameter count; band exchange from SDXL's by bytes per row, "
                           "window wait SDXL's"),
-    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, 5.0, 0.63, "dpmpp-2m",
+    "pixart": FamilyProfile("pixart", 2, 8, 3.0, 0.07, 1.8e6, 5.0, 0.63, "dpmpp-2m", 0.80, 4.2,
                             "estimate from SD3 by parameter count; band exchange from SD3's by bytes per row, "
                             "window wait SD3's"),
-    # FLUX.1-dev, estimated until the one-H200 step times (issue 17) replace it: xDiT's published one-H100 time,
-    # 4.30 s for 28 steps at 1024^2 compiled, is 154 ms per step, 197 ms as an uncompiled graph (over
-    # COMPILED_WHOLE_FRAME); SD3's alpha scaled by its 57 blocks against SD3's 24 (2.5 ms) leaves
-    # beta = (197 - 2.5) / 128 = 1.52 ms per latent row (batch 1: one branch). Exchanged per latent row: the
-    # image tokens (32 per latent row at width 128) of 57 attention layers x 3072 channels, fp16, counted as
-    # SD3's figure counts its 24 x 1536: 57 * 3072 * 32 * 2 B = 11.2 MB. Band exchange: SD3's per-layer cost
-    # scaled by the layer count (57 / 24); window wait SD3's.
-    "flux": FamilyProfile("flux", 2, 8, 2.5, 1.52, 11.2e6, 15.9, 0.63, "flow-euler",
-                          "estimate from xDiT's published one-H100 FLUX.1-dev time and SD3's constants scaled by "
-                          "layer count and width"),
+    # FLUX.1-dev's shapes on one H200 as CUDA graphs, 1024^2, one branch (bench/results/steps-flux-*.json): a band
+    # step with its context costs 186.9 / 129.4 / 109.8 / 88.1 ms at 128 / 80 / 64 / 48 latent rows, a slope of
+    # beta = 1.226 ms per latent row (least squares, residuals under 1.2 ms); the whole-frame step costs 177.2 ms,
+    # so alpha = 177.2 - 128 * 1.226 = 20.3 ms (the 512 text tokens through 57 blocks, the embedders). A band
+    # step carries 9-11 ms over alpha + beta * rows at every height (its K/V staging and attention over the whole
+    # image's K/V): inside band_exchange_ms, still SD3's per-layer cost scaled by the layer count (57 / 24),
+    # which two GPUs measure. Exchanged per latent row: the image tokens (32 per latent row at width 128) of 57
+    # attention layers x 3072 channels, fp16, counted as SD3's figure counts its 24 x 1536: 11.2 MB. Window wait
+    # SD3's.
+    "flux": FamilyProfile("flux", 2, 8, 20.3, 1.226, 11.2e6, 15.9, 0.63, "flow-euler", 0.86, 11.0,
+                          "measured: H200 CUDA graph, 1024^2 (steps-flux-*.json); band exchange scaled from SD3's "
+                          "by layer count, window wait SD3's"),
 }
 
+
+# compiled_band, compiled over graphed band steps on one H200 (fp16, 1024^2, each band with its context):
+# SD3 (issue 16's first measurement, (rows, batch, graph ms, compiled ms)): the median of six ratios, 0.7996.
+SD3_BAND_COMPILE_MS: tuple[tuple[int, int, float, float], ...] = (
+    (128, 2, 51.0, 41.6), (80, 2, 31.0, 24.7), (64, 2, 24.8, 19.9), (48, 2, 19.8, 15.1),
+    (128, 1, 26.5, 21.6), (80, 1, 17.2, 13.4),
+)
+# SDXL (steps-sdxl-bands.json), fitted on 128 and 48 rows of both batches: 0.945, 0.904, 0.896, 0.866 -> 0.90
+# (its 64-row bands, 0.917 and 0.877, check it). FLUX.1 (steps-flux-bands.json, batch 1), fitted on 128 and 48
+# rows: 0.857, 0.866 -> 0.86 (80 and 64 rows, 0.860 and 0.865, check it). The share falls with the band for the
+# UNet (its fixed cost is launches compile removes less of) and holds for the DiTs. SD 1.5 takes SDXL's, PixArt
+# SD3's.
+#
+# band_context_ms, graphed band steps with their context on one H200 less the profile's alpha + beta * b * rows
+# (bands smaller than the frame; a 128-row band has no other band to read): SD3 (steps-sd3-warm.json) 4.2 / 6.1
+# ms at 64 / 48 rows b=2, 3.7 / 4.3 at b=1 -> median 4.2 (checked on steps-sd3-cold.json's graphed bands);
+# SDXL (steps-sdxl-bands.json) 5.7 / 4.6 at 64 / 48 rows b=2 -> 5.2 (its b=1 bands, 4.3 / 4.4, check it);
+# FLUX.1 (steps-flux-bands.json, b=1) 11.0 / 11.0 at 80 / 64 rows -> 11.0 (48 rows, 9.0, checks it). SD 1.5
+# takes SDXL's, PixArt SD3's.
 
 @dataclass(frozen=True)
 class HybridSchedule:

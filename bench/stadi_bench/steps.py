@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_images:
         images(report, save, image, ops, spec)
     if not args.skip_bands:
-        report["bands"] = bands(ops, spec, args, save)
+        report["bands"] = []
+        bands(ops, spec, args, report["bands"], save)
     print(json.dumps({k: v for k, v in report.items() if k != "bands"}, indent=1))
     for entry in report.get("bands", []):
         print(entry)
@@ -171,16 +172,16 @@ def images(report: dict[str, Any], save: Any, image: Any, ops: Any, spec: Diffus
     compiled_ws.close()
 
 
-def bands(ops: Any, spec: DiffusionJobSpec, args: argparse.Namespace, save: Any) -> list[dict[str, Any]]:
-    """One band's step per height and batch, graphed and compiled; ``eager_keys`` counts the step keys whose
-    capture failed for good (their times are not a graph's)."""
+def bands(ops: Any, spec: DiffusionJobSpec, args: argparse.Namespace, found: list[dict[str, Any]],
+          save: Any) -> None:
+    """One band's step per height and batch, graphed and compiled, appended to ``found`` (saved after each);
+    ``eager_keys`` counts the step keys whose capture failed for good (their times are not a graph's)."""
     from stadi_worker.engine.bands import Workspace
     from stadi_worker.engine.options import EngineOptions
 
     from stadi_bench.band_steps import band_step_ms
 
     latent = args.height // profile(args.family).vae_factor
-    found: list[dict[str, Any]] = []
     # a guidance-distilled family has one branch: batch 1 only
     for batch in (int(b) for b in args.batches.split(",") if spec.uses_cfg or b.strip() == "1"):
         # one workspace per kind and batch, as a job keeps one: a compile serves every later band height
@@ -198,7 +199,6 @@ def bands(ops: Any, spec: DiffusionJobSpec, args: argparse.Namespace, save: Any)
             save()
         for ws in spaces.values():
             ws.close()
-    return found
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -22,7 +21,7 @@ COLLECTIVE_MS = 0.05
 #   one send buffer, ONE bucketed all_gather per window starts after it and is waited for only at the next
 #   window start. Local steps have nothing of it in their way, and stale steps pay only the staging copies;
 #   synchronous (warmup) steps still run the per-layer exchange and pay band_exchange_ms. Banded steps run
-#   compiled when the job compiles (COMPILED_BAND). Predicted: not yet measured on two GPUs.
+#   compiled when the job compiles (the family's compiled_band). Predicted: not yet measured on two GPUs.
 # - "per-layer" (the engine measured in bench/results/speed-2xh200-*.json): ~190 per-layer collectives on
 #   every window-start step, each banded step paying band_exchange_ms, the window-start step of a strided
 #   window slowed while it waits (window_wait_drag), and banded steps never compiled.
@@ -35,16 +34,6 @@ DEFAULT_EXCHANGE: Exchange = "bucketed"
 # 21.8 against 27.6 ms per branch (bench/results/speed-2xh200-compile.json against speed-2xh200-all.json);
 # SDXL 32.7 against 42.0 ms (issue 5's figures for the same host).
 COMPILED_WHOLE_FRAME = 0.78
-
-# Banded steps compiled: SD3 bands of 1024^2 (128 latent columns) alone on one H200, fp16, ms per step as a
-# CUDA graph and compiled inside the graph (issue 16): (rows, batch, graph, compiled).
-BAND_COMPILE_MS: tuple[tuple[int, int, float, float], ...] = (
-    (128, 2, 51.0, 41.6), (80, 2, 31.0, 24.7), (64, 2, 24.8, 19.9), (48, 2, 19.8, 15.1),
-    (128, 1, 26.5, 21.6), (80, 1, 17.2, 13.4),
-)
-# The median of their ratios (0.763 to 0.816; median 0.7996): compile saves about 20% at every band height, so
-# one share serves every height (and every family: SDXL's bands were not measured compiled).
-COMPILED_BAND = round(statistics.median(compiled / graph for _, _, graph, compiled in BAND_COMPILE_MS), 2)
 
 # Predicted, not measured: a device-to-device copy at speed 1.0 (an H100's 3.35 TB/s HBM3, every byte read and
 # written once). A bucketed exchange stages the rank's fresh activations into its send buffer at this rate.
@@ -90,23 +79,28 @@ class CostModel:
 
     def compute_affine(self, batch: int, banded: bool = False) -> tuple[float, float]:
         """(fixed cost, cost per granule of rows) of one step's compute at speed 1: c(u granules) = (a + b * u) / v.
-        A compiled job's whole-frame steps cost ``COMPILED_WHOLE_FRAME`` of the graph's, its banded steps
-        ``COMPILED_BAND`` (bucketed engine only: the per-layer one never compiled bands)."""
+        A banded step of the bucketed engine also computes its context (``band_context_ms``). A compiled job's
+        whole-frame steps cost ``COMPILED_WHOLE_FRAME`` of the graph's, its banded steps the family's
+        ``compiled_band`` (bucketed engine only: the per-layer one never compiled bands)."""
         p = self.profile
-        scale = 1.0
-        if self.compiled and not banded:
+        scale, fixed = 1.0, p.alpha_ms
+        if banded and self.exchange == "bucketed":
+            fixed += p.band_context_ms
+            scale = p.compiled_band if self.compiled else 1.0
+        elif self.compiled and not banded:
             scale = COMPILED_WHOLE_FRAME
-        elif self.compiled and self.exchange == "bucketed":
-            scale = COMPILED_BAND
-        return p.alpha_ms * scale, p.beta_ms * batch * p.granularity * self.width_scale * scale
+        return fixed * scale, p.beta_ms * batch * p.granularity * self.width_scale * scale
 
     def affine(self, batch: int, banded: bool = False, synchronous: bool = False) -> tuple[float, float]:
-        """``compute_affine`` plus ``band_exchange_ms`` in the fixed cost of the banded steps that run per-layer
-        collectives: the synchronous ones, and with the per-layer exchange every one (its collectives' NCCL
-        kernels share the SMs with compute even when overlapped)."""
+        """``compute_affine`` plus the fixed cost of the banded steps that run per-layer collectives: the
+        synchronous ones, and with the per-layer exchange every one (its collectives' NCCL kernels share the SMs
+        with compute even when overlapped). ``band_exchange_ms`` holds their context too (it was fitted as a
+        measured step less the band alone), so a bucketed synchronous step adds only the rest of it."""
         fixed, per_granule = self.compute_affine(batch, banded)
         if banded and (synchronous or self.exchange == "per-layer"):
             fixed += self.profile.band_exchange_ms
+            if self.exchange == "bucketed":
+                fixed -= self.profile.band_context_ms * (self.profile.compiled_band if self.compiled else 1.0)
         return fixed, per_granule
 
     def staging_ms(self, rows: int, batch: int, speed: float) -> float:

@@ -207,14 +207,15 @@ def test_compile_prices_compiled_steps(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_quality_limits_what_auto_picks(capsys: pytest.CaptureFixture[str]) -> None:
     """--quality (a job's parallelism.quality) on an H100 beside one at a quarter of its speed: exact keeps auto
-    to exact plans (the H100 alone: cfg waits for the loaded GPU), balanced to the measured bound (stadi at
-    strides (1, 3)), fastest lets it take stride 4, never measured."""
+    to exact plans (the H100 alone: cfg waits for the loaded GPU), balanced to the measured bound (the loaded GPU's
+    branch every 3rd step: cfg-stride, just ahead of stadi once its bands pay their context), fastest lets it take
+    stride 4, never measured."""
     base = ("plan", "--gpus", "H100,H100:0.75", "--model", "sd3", "--min-effective-steps", "10")
     _, balanced = run_json(capsys, *base)
     _, exact = run_json(capsys, *base, "--quality", "exact")
     _, fastest = run_json(capsys, *base, "--quality", "fastest")
     assert (balanced.fidelity, exact.fidelity, fastest.fidelity) == ("bounded", "exact", "approximate")
-    assert (balanced.strategy, exact.strategy, fastest.strategy) == ("stadi", "single", "stadi")
+    assert (balanced.strategy, exact.strategy, fastest.strategy) == ("cfg-stride", "single", "cfg-stride")
     assert [r.stride for r in balanced.ranks] == [1, 3] and [r.stride for r in fastest.ranks] == [1, 4]
     assert fastest.predicted_seconds < balanced.predicted_seconds < exact.predicted_seconds
 

@@ -25,14 +25,15 @@ def by_k(candidates: list) -> dict[int, float]:
 
 @pytest.mark.parametrize("family", ["sd3", "sdxl"])
 def test_a_band_pays_where_the_slower_branch_sets_the_pace(family: str) -> None:
-    """At 25% the slower GPU's whole uncond branch per window is longer than the faster one's k steps at k = 2 and
-    3: moving rows of it to the faster GPU shortens the window. At 50% with k = 2 the two are balanced already and
-    the band's own step (its fixed cost) makes the window longer."""
+    """At 25% the slower GPU's whole uncond branch per window is longer than the faster one's k steps at k = 2 (and
+    for SD3 at 3): moving rows of it to the faster GPU shortens the window; SDXL's band at k = 3 costs its fixed
+    cost and context more than it saves. At 50% with k = 2 the two are balanced already and the band's own step
+    (its fixed cost) makes the window longer."""
     pb = problem(family)
     fast = Slot("H200", 1.0)
     quarter = [fast, Slot("H200", 0.25)]
     stride, band = by_k(cfg_stride(pb, quarter)), by_k(cfg_stride_band(pb, quarter))
-    assert band[2] < stride[2] and band[3] < stride[3]
+    assert band[2] < stride[2] and (band[3] < stride[3]) == (family == "sd3")
     half = [fast, Slot("H200", 0.5)]
     assert by_k(cfg_stride_band(pb, half))[2] > by_k(cfg_stride(pb, half))[2]
 
