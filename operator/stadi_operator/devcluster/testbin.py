@@ -93,13 +93,14 @@ def _log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path, what: str = "the test binaries") -> Iterator[None]:
+    """Hold an exclusive file lock on ``path`` (waiting, and saying so, while another process builds ``what``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log(f"another process is building the test binaries; waiting for {path}")
+            _log(f"another process is building {what}; waiting for {path}")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -216,7 +217,7 @@ def _prepare_once(out: Path, ready_now: Callable[[], bool], install: Callable[[P
     then a stamp marks the folder complete."""
     if ready_now():
         return out
-    with _locked(out.parent / f"{out.name}.lock"):
+    with locked(out.parent / f"{out.name}.lock"):
         if ready_now():  # built by whoever held the lock
             return out
         out.mkdir(parents=True, exist_ok=True)
