@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -91,6 +92,17 @@ RESOURCES: dict[str, Builtin | Custom] = {
 }
 
 
+
+def _found(read: Callable[[], Any]) -> dict[str, Any] | None:
+    """The object an unparsed read returns, or None where the API server answers 404."""
+    try:
+        response = read()
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return json.loads(response.data) if response.data else {}
+
 class Kube:
     """Get, list, create, patch and delete namespaced objects by kind; raw dicts in and out. Every failed call
     raises the client's ``ApiException`` (status, reason, body)."""
@@ -126,26 +138,14 @@ class Kube:
     def get_cluster(self, kind: str, name: str) -> dict[str, Any] | None:
         """A cluster-scoped custom object (``CLUSTER_RESOURCES``), or None when there is none."""
         resource = CLUSTER_RESOURCES[kind]
-        try:
-            response = k8s.CustomObjectsApi(self.client).get_cluster_custom_object(
-                resource.group, resource.version, resource.plural, name, _preload_content=False,
-                _request_timeout=self.timeout)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return json.loads(response.data) if response.data else {}
+        return _found(lambda: k8s.CustomObjectsApi(self.client).get_cluster_custom_object(
+            resource.group, resource.version, resource.plural, name, _preload_content=False,
+            _request_timeout=self.timeout))
 
     def namespace(self, name: str) -> dict[str, Any] | None:
         """The Namespace object (its metadata is what the controller reads), or None when there is none."""
-        try:
-            response = k8s.CoreV1Api(self.client).read_namespace(name, _preload_content=False,
-                                                                 _request_timeout=self.timeout)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return json.loads(response.data) if response.data else {}
+        return _found(lambda: k8s.CoreV1Api(self.client).read_namespace(
+            name, _preload_content=False, _request_timeout=self.timeout))
 
     def create_cluster(self, body: dict[str, Any]) -> dict[str, Any]:
         """Create a cluster-scoped custom object (``CLUSTER_RESOURCES``); the stored object comes back."""
