@@ -25,7 +25,16 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from stadi.families import BUILTIN_MODELS, GUIDANCE_DISTILLED, HYBRID_DEFAULTS, HybridSchedule, profile, runs_cfg
+from stadi.families import (
+    BUILTIN_MODELS,
+    GUIDANCE_DISTILLED,
+    HYBRID_DEFAULTS,
+    SHARED_TEXT,
+    HybridSchedule,
+    profile,
+    runs_cfg,
+    text_band,
+)
 
 GROUP = "stadi.dev"
 VERSION = "v1alpha1"
@@ -514,6 +523,17 @@ class Plan(BaseModel):
     def active(self) -> list[RankPlan]:
         """The ranks that compute: all but the idle ones."""
         return [r for r in self.ranks if not r.idle]
+
+    def computes_text(self, rank: int) -> bool:
+        """Whether ``rank`` computes the text stream: an active rank does, unless its family's bands share one
+        (``SHARED_TEXT``) and another band of its group is ``text_band``."""
+        me = self.ranks[rank]
+        if me.idle:
+            return False
+        group = sorted((r for r in self.active if r.branch == me.branch), key=lambda r: r.rows[0])
+        if len(group) < 2 or self.family not in SHARED_TEXT:
+            return True
+        return group[text_band([r.stride for r in group])].rank == rank
 
     def validate_for(self, world_size: int | None = None) -> None:
         """Raise ValueError naming the problem when the plan cannot run (bad tiling, granularity, size).

@@ -8,6 +8,7 @@ the other ranks (the per-layer exchange only: stadi.planner.cost.EXCHANGES). Mea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,10 @@ BUILTIN_MODELS: dict[str, str] = {"sdxl-small": "sdxl", "sd3-small": "sd3", "flu
 # Guidance-distilled families: the guidance scale is an input of their one forward per step (FLUX.1-dev's
 # guidance embedding), so no unconditional branch exists to run, split or stride.
 GUIDANCE_DISTILLED: tuple[str, ...] = ("flux",)
+# Families whose bands share one text stream: of a group of bands, one computes the text tokens and the others
+# attend to its keys and values with the image's (``text_band``; FLUX.1's 512 T5 tokens cost ~11% of a step on
+# every rank otherwise). The others compute the text with every band (SD3 batches it with the guidance branches).
+SHARED_TEXT: tuple[str, ...] = ("flux",)
 
 
 def runs_cfg(family: str, guidance_scale: float) -> bool:
@@ -56,6 +61,9 @@ class FamilyProfile:
     # derivations below PROFILES); the bucketed exchange's stale steps pay it, band_exchange_ms holds it already.
     band_context_ms: float
     source: str  # where the constants come from
+    # the share of alpha_ms that is the text stream (its tokens through every block), which of a banded group only
+    # ``text_band``'s rank pays in a SHARED_TEXT family
+    text_ms: float = 0.0
 
     @property
     def pixel_multiple(self) -> int:
@@ -107,9 +115,12 @@ PROFILES: dict[str, FamilyProfile] = {
     # which two GPUs measure. Exchanged per latent row: the image tokens (32 per latent row at width 128) of 57
     # attention layers x 3072 channels, fp16, counted as SD3's figure counts its 24 x 1536: 11.2 MB. Window wait
     # SD3's.
+    # text_ms: the 512 text tokens cost what as many image tokens do (the same width through the same blocks,
+    # attending over the same keys): 512 x beta / 32 = 19.6 ms of alpha; the remaining 0.7 ms (time, guidance and
+    # pooled-text embedders, the output norm) every rank pays. Derived, not measured on its own: two GPUs check it.
     "flux": FamilyProfile("flux", 2, 8, 20.3, 1.226, 11.2e6, 15.9, 0.63, "flow-euler", 0.86, 11.0,
                           "measured: H200 CUDA graph, 1024^2 (steps-flux-*.json); band exchange scaled from SD3's "
-                          "by layer count, window wait SD3's"),
+                          "by layer count, window wait SD3's", text_ms=19.6),
 }
 
 
@@ -148,6 +159,13 @@ HYBRID_DEFAULTS: dict[str, HybridSchedule] = {
     "sdxl": HybridSchedule(window=12, slope_threshold=4e-4, pipeline_steps=5, cap_step=15),
     "sd3": HybridSchedule(window=15, slope_threshold=5e-4, pipeline_steps=5, cap_step=40),
 }
+
+
+def text_band(strides: Sequence[int]) -> int:
+    """Which band of a banded group computes the shared text stream (``FamilyProfile.text_ms``), by its position
+    in band order (top first) given each band's stride: the first of the smallest stride, whose context the
+    others read freshest (the planner lists the fastest GPU's band first)."""
+    return min(range(len(strides)), key=lambda i: strides[i])
 
 
 def profile(family: str) -> FamilyProfile:

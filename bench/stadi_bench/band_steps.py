@@ -5,6 +5,8 @@ One process measures what a rank's step computes (a window's local step reads th
 window start also stages its fresh activations for the bucketed exchange): ``band_step_ms``. No collective
 runs: a synchronous step copies our tensor into every band's rows, and the window exchange is not started. The
 other band's rows hold our band's values, padded to the larger band; a step's cost depends on the shapes only.
+Rank 0's band is the top one, so in a family whose bands share the text stream (Flux) it is the text band: its
+step computes the text tokens too.
 """
 
 from __future__ import annotations

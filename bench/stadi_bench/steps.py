@@ -87,13 +87,15 @@ def by_hand(ops: Any, spec: DiffusionJobSpec, denoiser: Any) -> float:
         return statistics.median(_image_s(image) for _ in range(3))
 
 
-def band_plan(family: str, latent: int, rows: int, guidance: bool = True) -> Plan:
-    """Two bands: ours [0, rows) and the rest; the planner's granularity."""
+def band_plan(family: str, latent: int, rows: int, guidance: bool = True, text: bool = True) -> Plan:
+    """Two bands: ours [0, rows) and the rest; the planner's granularity. ``text`` False: in a family whose bands
+    share the text stream, ours is not the text band (it takes stride 2, so the other band is)."""
     fam = profile(family)
-    ranks = [RankPlan(rank=0, gpu="H200", speed=1.0, rows=(0, rows)),
+    ranks = [RankPlan(rank=0, gpu="H200", speed=1.0, rows=(0, rows), stride=1 if text else 2),
              RankPlan(rank=1, gpu="H200", speed=1.0, rows=(rows, latent))]
-    return Plan(strategy="patch", family=family, latent_height=latent, latent_width=latent,
-                granularity=fam.granularity, steps=50, guidance=guidance, ranks=ranks, predicted_seconds=1.0)
+    return Plan(strategy="patch" if text else "stadi", family=family, latent_height=latent, latent_width=latent,
+                granularity=fam.granularity, steps=50, guidance=guidance, ranks=ranks, predicted_seconds=1.0,
+                sync_period=1 if text else 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="2,1")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-bands", action="store_true")
+    parser.add_argument("--without-text", action="store_true",
+                        help="Flux: measure a band that is not its group's text band (no text tokens)")
     parser.add_argument("--skip-images", action="store_true", help="band steps only (no whole images)")
     parser.add_argument("--cache-dir", default="/tmp/stadi-cache")
     parser.add_argument("--out", required=True)
@@ -187,11 +191,11 @@ def bands(ops: Any, spec: DiffusionJobSpec, args: argparse.Namespace, found: lis
         # one workspace per kind and batch, as a job keeps one: a compile serves every later band height
         spaces = {"graphed": Workspace(EngineOptions(compile="0")), "compiled": Workspace(EngineOptions(compile="1"))}
         for rows in (int(r) for r in args.rows.split(",")):
-            entry: dict[str, Any] = {"batch": batch, "rows": rows}
+            entry: dict[str, Any] = {"batch": batch, "rows": rows, "text": not args.without_text}
             for key, ws in spaces.items():
                 start = time.perf_counter()
-                ms = band_step_ms(ops, spec, band_plan(args.family, latent, rows, spec.uses_cfg), ws, batch,
-                                  args.repeats)
+                plan = band_plan(args.family, latent, rows, spec.uses_cfg, text=not args.without_text)
+                ms = band_step_ms(ops, spec, plan, ws, batch, args.repeats)
                 entry[f"{key}_ms"] = {phase: round(v, 3) for phase, v in ms.items()}
                 entry[f"{key}_setup_s"] = round(time.perf_counter() - start, 2)
                 entry[f"{key}_eager_keys"] = ws.graphs.eager_keys if ws.graphs is not None else 0

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from stadi import gpus
-from stadi.families import FamilyProfile
+from stadi.families import SHARED_TEXT, FamilyProfile, text_band
 
 # Link bandwidths in GB/s as the planner assumes them: NVLink between SXM parts of one node, PCIe between
 # other GPUs of one node, and a 100 Gb/s network between nodes.
@@ -61,15 +61,15 @@ class CostModel:
         when the exchange is bucketed: nothing is pending while a rank computes)."""
         return self.profile.window_wait_drag if self.exchange == "per-layer" else 0.0
 
-    def step_ms(self, rows: int, batch: int, speed: float, banded: bool = False, synchronous: bool = False
-                ) -> float:
+    def step_ms(self, rows: int, batch: int, speed: float, banded: bool = False, synchronous: bool = False,
+                text: bool = True) -> float:
         """c_r(h) = (alpha + beta * b * h * W/128) / v_r, plus the band exchange's fixed cost where the step
         pays it (``affine``); a rank with no rows costs nothing."""
-        return self._at(self.affine(batch, banded, synchronous), rows, speed)
+        return self._at(self.affine(batch, banded, synchronous, text), rows, speed)
 
-    def compute_ms(self, rows: int, batch: int, speed: float, banded: bool = False) -> float:
+    def compute_ms(self, rows: int, batch: int, speed: float, banded: bool = False, text: bool = True) -> float:
         """The step's compute alone, without any exchange (what a rank's profiled step measures)."""
-        return self._at(self.compute_affine(batch, banded), rows, speed)
+        return self._at(self.compute_affine(batch, banded, text), rows, speed)
 
     def _at(self, affine: tuple[float, float], rows: int, speed: float) -> float:
         if rows <= 0:
@@ -77,13 +77,16 @@ class CostModel:
         fixed, per_granule = affine
         return (fixed + per_granule * rows / self.profile.granularity) / speed
 
-    def compute_affine(self, batch: int, banded: bool = False) -> tuple[float, float]:
+    def compute_affine(self, batch: int, banded: bool = False, text: bool = True) -> tuple[float, float]:
         """(fixed cost, cost per granule of rows) of one step's compute at speed 1: c(u granules) = (a + b * u) / v.
         A banded step of the bucketed engine also computes its context (``band_context_ms``). A compiled job's
         whole-frame steps cost ``COMPILED_WHOLE_FRAME`` of the graph's, its banded steps the family's
-        ``compiled_band`` (bucketed engine only: the per-layer one never compiled bands)."""
+        ``compiled_band`` (bucketed engine only: the per-layer one never compiled bands). ``text`` False: a band
+        whose group's text stream another band computes (``FamilyProfile.text_ms``) does not pay it."""
         p = self.profile
         scale, fixed = 1.0, p.alpha_ms
+        if banded and not text:
+            fixed -= p.text_ms
         if banded and self.exchange == "bucketed":
             fixed += p.band_context_ms
             scale = p.compiled_band if self.compiled else 1.0
@@ -91,17 +94,32 @@ class CostModel:
             scale = COMPILED_WHOLE_FRAME
         return fixed * scale, p.beta_ms * batch * p.granularity * self.width_scale * scale
 
-    def affine(self, batch: int, banded: bool = False, synchronous: bool = False) -> tuple[float, float]:
+    def affine(self, batch: int, banded: bool = False, synchronous: bool = False, text: bool = True
+               ) -> tuple[float, float]:
         """``compute_affine`` plus the fixed cost of the banded steps that run per-layer collectives: the
         synchronous ones, and with the per-layer exchange every one (its collectives' NCCL kernels share the SMs
         with compute even when overlapped). ``band_exchange_ms`` holds their context too (it was fitted as a
         measured step less the band alone), so a bucketed synchronous step adds only the rest of it."""
-        fixed, per_granule = self.compute_affine(batch, banded)
+        fixed, per_granule = self.compute_affine(batch, banded, text)
         if banded and (synchronous or self.exchange == "per-layer"):
             fixed += self.profile.band_exchange_ms
             if self.exchange == "bucketed":
                 fixed -= self.profile.band_context_ms * (self.profile.compiled_band if self.compiled else 1.0)
         return fixed, per_granule
+
+    def texts(self, strides: Sequence[int]) -> list[bool]:
+        """Which bands of a group (in band order, with these strides) compute the text stream: every one, unless
+        the family's bands share it and several split the rows: then only ``text_band``'s."""
+        if len(strides) < 2 or self.profile.family not in SHARED_TEXT:
+            return [True] * len(strides)
+        owner = text_band(strides)
+        return [i == owner for i in range(len(strides))]
+
+    def text_rows(self) -> float:
+        """Latent rows (at this width) whose image tokens weigh what the shared text stream does in compute and in
+        exchanged keys and values (``text_ms``), 0 where the family's bands do not share one."""
+        p = self.profile
+        return p.text_ms / (p.beta_ms * self.width_scale) if p.family in SHARED_TEXT else 0.0
 
     def staging_ms(self, rows: int, batch: int, speed: float) -> float:
         """A bucketed window start's copies of the rank's fresh activations into the send buffer (the per-layer

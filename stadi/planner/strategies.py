@@ -84,9 +84,9 @@ class Group:
     def assignments(self, cost: CostModel) -> list[Assignment]:
         rows = bands(self.units, cost.profile.granularity)
         return [
-            Assignment(s, r, k, self.branch, cost.step_ms(r[1] - r[0], self.batch, s.speed, self.banded),
+            Assignment(s, r, k, self.branch, cost.step_ms(r[1] - r[0], self.batch, s.speed, self.banded, text=t),
                        self.layers)
-            for s, r, k in zip(self.slots, rows, self.strides, strict=True)
+            for s, r, k, t in zip(self.slots, rows, self.strides, cost.texts(self.strides), strict=True)
         ]
 
 
@@ -143,24 +143,37 @@ def _times(pb: Problem, group: Group) -> tuple[float, float]:
       nothing overlaps it.
     """
     cost = pb.cost
-    fixed, per_granule = cost.affine(group.batch, group.banded)
-    steps = [(fixed + per_granule * u) / s.speed for s, u in zip(group.slots, group.units, strict=True)]
+    fixed = _fixed(cost, group.strides, group.batch, group.banded)
+    per_granule = cost.affine(group.batch, group.banded)[1]
+    steps = [(f + per_granule * u) / s.speed for f, s, u in zip(fixed, group.slots, group.units, strict=True)]
     if len(steps) == 1:
         return steps[0], steps[0]
     granularity = cost.profile.granularity
-    sync_extra = cost.affine(group.batch, group.banded, synchronous=True)[0] - fixed
+    sync_extra = (cost.affine(group.batch, group.banded, synchronous=True)[0]
+                  - cost.affine(group.batch, group.banded)[0])
     sync = max(t + sync_extra / s.speed for t, s in zip(steps, group.slots, strict=True))
-    comm = cost.exchange_ms((pb.granules - min(group.units)) * granularity, group.batch)
+    # granules each rank sends and receives per exchange: its rows, the others'; the shared text stream's keys and
+    # values go from the rank that computes them to the others
+    text = cost.text_rows() / granularity
+    sent = [u + text * t for u, t in zip(group.units, cost.texts(group.strides), strict=True)]
+    received = [sum(sent) - own for own in sent]
+    comm = cost.exchange_ms(max(received) * granularity, group.batch)
     per_granule_staging = cost.staging_ms(granularity, group.batch, 1.0)  # linear in rows and 1 / speed
     period = sync_period(group.strides)
-    # a window start stages our rows, and first settles the last exchange: the other bands' rows copied to where
-    # the layers read them, and on a rank with local steps also extrapolated (a lerp: 1.5 copies' traffic)
-    starts = [t + per_granule_staging * (u + (pb.granules - u) * (1.0 + 1.5 * (period > k))) / s.speed
-              for t, s, u, k in zip(steps, group.slots, group.units, group.strides, strict=True)]
+    # a window start stages what it sends, and first settles the last exchange: the rest copied to where the layers
+    # read it, and on a rank with local steps also extrapolated (a lerp: 1.5 copies' traffic)
+    starts = [t + per_granule_staging * (out + into * (1.0 + 1.5 * (period > k))) / s.speed
+              for t, s, out, into, k in zip(steps, group.slots, sent, received, group.strides, strict=True)]
     busy = max(b + a - t for b, a, t in zip(_window_busy(steps, group.strides, cost.window_drag), starts, steps,
                                             strict=True))
     exchange = comm if cost.exchange == "per-layer" else max(starts) + comm
     return sync + comm + COLLECTIVE_MS, max(busy, exchange) + COLLECTIVE_MS
+
+
+def _fixed(cost: CostModel, strides: Sequence[int], batch: int, banded: bool) -> list[float]:
+    """Each band's fixed cost per step (in band order): the family's, less the shared text stream on the bands
+    that do not compute it (``CostModel.texts``)."""
+    return [cost.affine(batch, banded, text=t)[0] for t in cost.texts(strides)]
 
 
 def _windowed_seconds(pb: Problem, sync_step: float, window: float, period: int) -> float:
@@ -185,7 +198,8 @@ def _multipliers(pb: Problem, slots: Sequence[Slot], strides: Sequence[int]) -> 
 def _elastic(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: int, branch: str) -> Group | None:
     """Elastic rows for given strides, or None when a GPU would be left without a band (the search tries
     the smaller set on its own, with strides relative to its own fastest GPU)."""
-    fixed, per_granule = pb.cost.affine(batch, banded=len(slots) > 1)
+    banded = len(slots) > 1
+    fixed, per_granule = _fixed(pb.cost, strides, batch, banded), pb.cost.affine(batch, banded)[1]
     multipliers = _multipliers(pb, slots, strides)
     units = elastic_units(multipliers, fixed, per_granule, pb.granules)
     if not all(units):
@@ -199,10 +213,11 @@ def _floored(pb: Problem, slots: Sequence[Slot], strides: Sequence[int], batch: 
     whose window time grows least (water-filling on the affine cost, which minimises the slowest rank)."""
     if len(slots) > pb.granules:
         return None
-    fixed, per_granule = pb.cost.affine(batch, banded=len(slots) > 1)
+    banded = len(slots) > 1
+    fixed, per_granule = _fixed(pb.cost, strides, batch, banded), pb.cost.affine(batch, banded)[1]
     multipliers = _multipliers(pb, slots, strides)
     # With one granule held, a rank's time after u more is m * ((fixed + per_granule) + per_granule * u).
-    extra = elastic_units(multipliers, fixed + per_granule, per_granule, pb.granules - len(slots))
+    extra = elastic_units(multipliers, [f + per_granule for f in fixed], per_granule, pb.granules - len(slots))
     return Group(tuple(slots), tuple(1 + u for u in extra), tuple(strides), branch, batch)
 
 

@@ -17,13 +17,15 @@ def _spec(family: str) -> DiffusionJobSpec:
         "output": {"uri": "file:///tmp/stadi-test-out"}})
 
 
-@pytest.mark.parametrize(("family", "rows", "batch"), [("sdxl", (8,), 2), ("sd3", (6, 10), 2), ("flux", (6, 10), 1)])
+@pytest.mark.parametrize(("family", "rows", "batch", "text"), [
+    ("sdxl", (8,), 2, True), ("sd3", (6, 10), 2, True), ("flux", (6, 10), 1, True), ("flux", (6, 10), 1, False)])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...], batch: int, tiny_dir,
+def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...], batch: int, text: bool, tiny_dir,
                                               model_cache) -> None:
     """The compiled share (dynamic shapes) predicts what the eager share does in a synchronous step, a window start
     and a local step; dynamo really traced the band step, and a second band height (a re-plan's) compiled
-    nothing new. No frame falls back to eager for lack of recompiles (SDXL's wrapped GroupNorms did)."""
+    nothing new. No frame falls back to eager for lack of recompiles (SDXL's wrapped GroupNorms did). Flux's
+    band without the text (another band computes it) compiles with its empty text stream too."""
     from stadi_bench.band_steps import band_share
     from stadi_bench.steps import band_plan
     from stadi_worker.engine.bands import Workspace
@@ -38,7 +40,8 @@ def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...]
     counters = torch._dynamo.utils.counters
     traced = []
     for height in rows:
-        plan = band_plan(family, 16, height, guidance=batch == 2)
+        plan = band_plan(family, 16, height, guidance=batch == 2, text=text)
+        assert plan.computes_text(0) is (text or family != "flux")
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, options in (("eager", EngineOptions(compile="0")), ("compiled", EngineOptions(compile="aot_eager"))):
             ws = Workspace(options)

@@ -25,6 +25,12 @@ def _launch(world: int, runs: list[dict[str, Any]], cache: Path, workdir: Path) 
     return launch_ranks(world, cfg, workdir).check()
 
 
+def _text_below() -> dict[str, Any]:
+    doc = flux_plan([(0, 10), (10, 16)]) | {"strategy": "stadi", "sync_period": 2}
+    doc["ranks"][0]["stride"] = 2
+    return doc
+
+
 @pytest.fixture(scope="module")
 def flux2(tiny_dir, model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tiny_dir("flux")
@@ -33,6 +39,8 @@ def flux2(tiny_dir, model_cache: Path, tmp_path_factory: pytest.TempPathFactory)
     return _launch(2, [
         {"name": "sync_equal", "plan": flux_plan([(0, 8), (8, 16)]), "exact": True},
         {"name": "sync_unequal", "plan": flux_plan([(0, 2), (2, 16)]), "exact": True},
+        # the text band below (the first of the smallest stride): rank 1 computes the text, rank 0 none
+        {"name": "sync_text_below", "plan": _text_below(), "exact": True},
         {"name": "stale_unequal", "plan": flux_plan([(0, 6), (6, 16)], warmup=2)},
         {"name": "strided", "plan": strided},
     ], model_cache, tmp_path_factory.mktemp("flux2"))
@@ -86,9 +94,34 @@ def test_the_serial_loop_equals_diffusers_flux_pipeline(tiny_dir, model_cache: P
     assert float((other - ours).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["sync_equal", "sync_unequal"])
+@pytest.mark.parametrize("name", ["sync_equal", "sync_unequal", "sync_text_below"])
 def test_synchronous_bands_equal_serial_on_two_ranks(flux2: Any, name: str) -> None:
+    """Exact mode: the ranks that do not compute the text read its keys and values fresh, layer by layer."""
     assert _err(flux2, name) <= MAX_ABS
+
+
+def test_only_the_text_band_computes_the_text() -> None:
+    """The band wrappers of a rank that is not its group's text band feed the transformer no text tokens; the text
+    band's rank keeps its projection."""
+    from stadi_worker.engine.comm import BandLayout, CommManager
+    from stadi_worker.engine.layers import DenoiserPatch, PatchFluxTextEmbed
+    from stadi_worker.models.flux import transformer
+
+    from stadi.api import Plan
+
+    p = Plan.model_validate(_text_below())
+    assert [p.computes_text(r) for r in (0, 1)] == [False, True]
+    for index, swapped in ((0, True), (1, False)):
+        model = transformer("tiny")
+        original = model.context_embedder
+        patch = DenoiserPatch(model, CommManager(BandLayout(((0, 10), (10, 16)), index, 16, text=1)))
+        patch.apply()
+        assert isinstance(model.context_embedder, PatchFluxTextEmbed) is swapped
+        text = torch.randn(1, 7, 32)
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        assert model.context_embedder(text).shape == (1, 0 if swapped else 7, width)
+        patch.restore()
+        assert model.context_embedder is original
 
 
 def test_synchronous_bands_equal_serial_on_three_ranks(flux3: Any) -> None:

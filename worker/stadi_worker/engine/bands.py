@@ -70,9 +70,11 @@ class Bands:
         self._fingerprint = hashlib.sha1(plan.model_dump_json().encode()).hexdigest()[:12]
         self._images = 0
         self.active_rows = [r.height for r in plan.active]
+        texts = [i for i, r in enumerate(self.members) if plan.computes_text(r)]
         layout = (BandLayout(bands=(me.rows,), index=0, height=plan.latent_height) if me.idle else
                   BandLayout(bands=tuple(plan.ranks[r].rows for r in self.members),
-                             index=self.members.index(ctx.rank), height=plan.latent_height))
+                             index=self.members.index(ctx.rank), height=plan.latent_height,
+                             text=texts[0] if len(texts) == 1 < len(self.members) else None))
         # a rank whose stride is below the period steps alone inside windows: it keeps their extrapolated context
         self.comm = CommManager(layout=layout, group=group, local_steps=me.stride < plan.sync_period)
         self.order = [me.branch] if self.split else (["uncond", "cond"] if self.guidance else ["cond"])

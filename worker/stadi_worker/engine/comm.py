@@ -66,6 +66,9 @@ class BandLayout:
     bands: tuple[tuple[int, int], ...]
     index: int
     height: int
+    # the group index of the band that computes the text stream its family's bands share (Plan.computes_text),
+    # or None: every band computes its own
+    text: int | None = None
 
     @property
     def size(self) -> int:

@@ -33,7 +33,7 @@ def step_cost_at_unit_speed(plan: Plan, rank: int, guidance: bool, compiled: boo
     r = plan.ranks[rank]
     batch = (2 if guidance else 1) if r.branch == "both" else 1
     cost = CostModel(profile(plan.family), plan.latent_height, plan.latent_width, 0.0, compiled=compiled)
-    return cost.compute_ms(r.height, batch, 1.0, banded=r.height != plan.latent_height)
+    return cost.compute_ms(r.height, batch, 1.0, banded=r.height != plan.latent_height, text=plan.computes_text(rank))
 
 
 def measured_speeds(plan: Plan, compute_ms: list[float], guidance: bool, compiled: bool = False) -> list[float]:

@@ -11,7 +11,12 @@ from typing import Any
 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed
-from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed, FluxSingleTransformerBlock
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttention,
+    FluxPosEmbed,
+    FluxSingleTransformerBlock,
+    FluxTransformer2DModel,
+)
 from torch import nn
 
 from stadi_worker.engine.comm import CommManager
@@ -23,11 +28,13 @@ from stadi_worker.engine.layers.flux import (
     PatchFluxPosEmbed,
     PatchFluxSingleAttnProcessor,
     PatchFluxSingleBlock,
+    PatchFluxTextEmbed,
 )
 from stadi_worker.engine.layers.norm import PatchGroupNorm
 
 __all__ = ["DenoiserPatch", "PatchBandEmbed", "PatchConv2d", "PatchFluxAttnProcessor", "PatchFluxPosEmbed",
-           "PatchFluxSingleBlock", "PatchGroupNorm", "PatchJointAttnProcessor", "PatchSelfAttnProcessor"]
+           "PatchFluxSingleBlock", "PatchFluxTextEmbed", "PatchGroupNorm", "PatchJointAttnProcessor",
+           "PatchSelfAttnProcessor"]
 
 
 class DenoiserPatch:
@@ -38,6 +45,10 @@ class DenoiserPatch:
         self.swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # parent, name, original, wrapper
         self.procs: list[tuple[Any, object, object]] = []  # attention, original, band processor
         skip: set[int] = set()
+        layout = comm.layout
+        if isinstance(model, FluxTransformer2DModel) and layout.text not in (None, layout.index):
+            self.swaps.append((model, "context_embedder", model.context_embedder,
+                               PatchFluxTextEmbed(model.context_embedder)))
         # named_modules walks in registration order, identical on every rank: the comm slots line up
         for name, mod in list(model.named_modules()):
             if id(mod) in skip:

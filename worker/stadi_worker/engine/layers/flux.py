@@ -1,10 +1,12 @@
-"""FLUX.1's band layers: attention of a band's image tokens (and of every text token, on every rank) against the
-keys and values of the full image, and the rotary positions of the band's true rows.
+"""FLUX.1's band layers: attention of a band's image tokens against the keys and values of the full image and of
+the text, the text stream computed by one band of the group, and the rotary positions of the band's true rows.
 
 Keys are exchanged after the rotary embedding: each band rotates its own keys at its true positions, so the
-gathered keys need no positions of the other bands. Text tokens are computed on every rank; they attend to the
-full image's keys and values too (stale ones outside synchronous steps), so every rank carries the same text
-stream in exact mode.
+gathered keys need no positions of the other bands. The 512 text tokens cost what as many image tokens do, on
+every rank that computes them, so only the group's text band (``BandLayout.text``, ``Plan.computes_text``) does:
+its part of every exchange is [text; band], and the other ranks feed the transformer no text at all (its
+``context_embedder`` gives them an empty stream) and attend to that band's text keys and values as they do to its
+image ones, fresh in synchronous steps (exact mode still equals serial), else from the last exchange.
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSin
 from torch import nn
 
 from stadi_worker.engine.comm import BandLayout, CommManager
-from stadi_worker.engine.layers.attention import full_kv
+
+
+class PatchFluxTextEmbed(nn.Module):
+    """The text projection of a rank that does not compute the text stream: no tokens (the text band's rank
+    computes them and its keys and values reach us through the exchange)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.embed(encoder_hidden_states[:, :0])
 
 
 class PatchFluxPosEmbed(nn.Module):
@@ -36,16 +49,22 @@ class PatchFluxPosEmbed(nn.Module):
 
 def _attend(comm: CommManager, key: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotary: Any,
             text: int) -> torch.Tensor:
-    """FluxAttnProcessor's attention from the normalised (B, N, heads, head_dim) projections of [text; band]:
-    rotary at the tokens' positions, then the band's keys and values replaced by the full image's."""
-    if rotary is not None:
-        query = apply_rotary_emb(query, rotary, sequence_dim=1)
-        keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
+    """FluxAttnProcessor's attention from the normalised (B, N, heads, head_dim) projections of [text; band], where
+    ``text`` tokens lead (all of the text on the text band's rank, none on the others): rotary at the tokens'
+    positions, then the keys and values of every band's part, the text band's text included."""
+    layout = comm.layout
+    if rotary is None or layout.text is None:
+        raise NotImplementedError("Flux band attention needs the rotary embedding and the group's text band")
+    missing = rotary[0].shape[0] - query.shape[1]  # text tokens computed on the text band's rank, not here
+    rotary = tuple(r[missing:] for r in rotary)
+    query = apply_rotary_emb(query, rotary, sequence_dim=1)
+    keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
     heads = keys.shape[2:]
-    full_k, full_v = full_kv(comm, key, keys[:, text:].flatten(2), values[:, text:].flatten(2))
-    keys = torch.cat([keys[:, :text], full_k.unflatten(-1, heads)], dim=1)
-    values = torch.cat([values[:, :text], full_v.unflatten(-1, heads)], dim=1)
-    out = dispatch_attention_fn(query, keys, values)
+    sizes = layout.scaled(keys.shape[1] - text)
+    sizes[layout.text] += text + missing
+    parts = comm.exchange(key, torch.cat([keys.flatten(2), values.flatten(2)], dim=-1), sizes, dim=1)
+    full_k, full_v = torch.cat([parts[i] for i in layout.order], dim=1).chunk(2, dim=-1)
+    out = dispatch_attention_fn(query, full_k.unflatten(-1, heads), full_v.unflatten(-1, heads))
     return out.flatten(2, 3).to(query.dtype)
 
 
