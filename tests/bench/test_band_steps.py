@@ -18,7 +18,7 @@ def _spec(family: str) -> DiffusionJobSpec:
 
 
 @pytest.mark.parametrize(("family", "rows", "batch", "text"), [
-    ("sdxl", (8,), 2, True), ("sd3", (6, 10), 2, True), ("flux", (6, 10), 1, True), ("flux", (6, 10), 1, False)])
+    ("sdxl", (12, 8), 2, True), ("sd3", (6, 10), 2, True), ("flux", (6, 10), 1, True), ("flux", (6, 10), 1, False)])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 def test_compiled_band_steps_equal_eager_ones(family: str, rows: tuple[int, ...], batch: int, text: bool, tiny_dir,
                                               model_cache) -> None:

@@ -30,9 +30,12 @@ class PatchConv2d(nn.Module):
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         self.top = p
         self.bottom = k - s - p  # may be negative: then our last rows are not read at all
+        # the group's geometry as plain ints: dynamo guards on what a compiled frame reads, and reading the layout's
+        # bands would tie the compile to their heights (a new plan, a new band height: every wrapper compiled again)
+        self.size, self.above, self.below = comm.size, comm.layout.above, comm.layout.below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.comm.size == 1:
+        if self.size == 1:
             return self.conv(x)
         top, bottom = self.top, max(self.bottom, 0)
         h = x.shape[-2]
@@ -40,7 +43,7 @@ class PatchConv2d(nn.Module):
             raise ValueError(f"band of {h} rows too small or misaligned for {self.conv}")
         # what our neighbours need from us: our first rows go up, our last rows go down
         send = torch.cat([x[..., :bottom, :], x[..., h - top:, :]], dim=-2)
-        above, below = self.comm.layout.above, self.comm.layout.below
+        above, below = self.above, self.below
 
         def extend(parts: list[torch.Tensor]) -> torch.Tensor:
             pieces = []
@@ -53,6 +56,6 @@ class PatchConv2d(nn.Module):
                 pieces.append(parts[below][..., :bottom, :] if below is not None else edge)
             return torch.cat(pieces, dim=-2)
 
-        ext = extend(self.comm.exchange(self.key, send, [top + bottom] * self.comm.size, dim=-2))
+        ext = extend(self.comm.exchange(self.key, send, [top + bottom] * self.size, dim=-2))
         c = self.conv
         return F.conv2d(ext, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)

@@ -19,9 +19,10 @@ class PatchGroupNorm(nn.Module):
         self.norm = norm
         self.comm = comm
         self.key = comm.new_key()
+        self.size = comm.size  # an int, not the layout: a compiled frame would guard on the bands' heights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.comm.size == 1:
+        if self.size == 1:
             return self.norm(x)
         n = self.norm
         b, c = x.shape[:2]
@@ -39,7 +40,7 @@ class PatchGroupNorm(nn.Module):
             # local steps read extrapolated statistics, whose M2 may dip below zero; exact ones never do
             return gmean, var.clamp_min(0)
 
-        gmean, var = pool(self.comm.exchange(self.key, stats, [b] * self.comm.size, dim=0))
+        gmean, var = pool(self.comm.exchange(self.key, stats, [b] * self.size, dim=0))
         y = ((xf - gmean[..., None]) * torch.rsqrt(var + n.eps)[..., None]).reshape(x.shape).to(x.dtype)
         if n.affine:
             shape = (1, c) + (1,) * (x.dim() - 2)
