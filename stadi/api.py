@@ -29,11 +29,10 @@ from stadi.families import (
     BUILTIN_MODELS,
     GUIDANCE_DISTILLED,
     HYBRID_DEFAULTS,
-    SHARED_TEXT,
     HybridSchedule,
     profile,
     runs_cfg,
-    text_band,
+    text_bands,
 )
 
 GROUP = "stadi.dev"
@@ -525,15 +524,13 @@ class Plan(BaseModel):
         return [r for r in self.ranks if not r.idle]
 
     def computes_text(self, rank: int) -> bool:
-        """Whether ``rank`` computes the text stream: an active rank does, unless its family's bands share one
-        (``SHARED_TEXT``) and another band of its group is ``text_band``."""
+        """Whether ``rank`` computes the text stream: an idle one does not, an active one as ``text_bands`` says of
+        its group in band order."""
         me = self.ranks[rank]
         if me.idle:
             return False
         group = sorted((r for r in self.active if r.branch == me.branch), key=lambda r: r.rows[0])
-        if len(group) < 2 or self.family not in SHARED_TEXT:
-            return True
-        return group[text_band([r.stride for r in group])].rank == rank
+        return text_bands(self.family, [r.stride for r in group])[group.index(me)]
 
     def validate_for(self, world_size: int | None = None) -> None:
         """Raise ValueError naming the problem when the plan cannot run (bad tiling, granularity, size).

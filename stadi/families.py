@@ -21,7 +21,7 @@ BUILTIN_MODELS: dict[str, str] = {"sdxl-small": "sdxl", "sd3-small": "sd3", "flu
 # guidance embedding), so no unconditional branch exists to run, split or stride.
 GUIDANCE_DISTILLED: tuple[str, ...] = ("flux",)
 # Families whose bands share one text stream: of a group of bands, one computes the text tokens and the others
-# attend to its keys and values with the image's (``text_band``; FLUX.1's 512 T5 tokens cost ~11% of a step on
+# attend to its keys and values with the image's (``text_bands``; FLUX.1's 512 T5 tokens cost ~11% of a step on
 # every rank otherwise). The others compute the text with every band (SD3 batches it with the guidance branches).
 SHARED_TEXT: tuple[str, ...] = ("flux",)
 
@@ -62,7 +62,7 @@ class FamilyProfile:
     band_context_ms: float
     source: str  # where the constants come from
     # the share of alpha_ms that is the text stream (its tokens through every block), which of a banded group only
-    # ``text_band``'s rank pays in a SHARED_TEXT family
+    # ``text_bands``' rank pays in a SHARED_TEXT family
     text_ms: float = 0.0
 
     @property
@@ -161,11 +161,14 @@ HYBRID_DEFAULTS: dict[str, HybridSchedule] = {
 }
 
 
-def text_band(strides: Sequence[int]) -> int:
-    """Which band of a banded group computes the shared text stream (``FamilyProfile.text_ms``), by its position
-    in band order (top first) given each band's stride: the first of the smallest stride, whose context the
-    others read freshest (the planner lists the fastest GPU's band first)."""
-    return min(range(len(strides)), key=lambda i: strides[i])
+def text_bands(family: str, strides: Sequence[int]) -> list[bool]:
+    """Which bands of a group (in band order, top first, with these strides) compute the text stream: every one,
+    unless the family's bands share it (``SHARED_TEXT``) and several split the rows; then only the first of the
+    smallest stride, whose context the others read freshest (the planner lists the fastest GPU's band first)."""
+    if len(strides) < 2 or family not in SHARED_TEXT:
+        return [True] * len(strides)
+    owner = min(range(len(strides)), key=lambda i: strides[i])
+    return [i == owner for i in range(len(strides))]
 
 
 def profile(family: str) -> FamilyProfile:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stadi import gpus
-from stadi.families import SHARED_TEXT, FamilyProfile, text_band
+from stadi.families import SHARED_TEXT, FamilyProfile, text_bands
 
 # Link bandwidths in GB/s as the planner assumes them: NVLink between SXM parts of one node, PCIe between
 # other GPUs of one node, and a 100 Gb/s network between nodes.
@@ -108,12 +108,8 @@ class CostModel:
         return fixed, per_granule
 
     def texts(self, strides: Sequence[int]) -> list[bool]:
-        """Which bands of a group (in band order, with these strides) compute the text stream: every one, unless
-        the family's bands share it and several split the rows: then only ``text_band``'s."""
-        if len(strides) < 2 or self.profile.family not in SHARED_TEXT:
-            return [True] * len(strides)
-        owner = text_band(strides)
-        return [i == owner for i in range(len(strides))]
+        """Which bands of a group (in band order, with these strides) compute the text stream (``text_bands``)."""
+        return text_bands(self.profile.family, strides)
 
     def text_rows(self) -> float:
         """Latent rows (at this width) whose image tokens weigh what the shared text stream does in compute and in

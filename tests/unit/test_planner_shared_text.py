@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stadi.api import Plan
-from stadi.families import profile, text_band
+from stadi.families import profile, text_bands
 from stadi.planner import Device, PlanRequest, plan
 from stadi.planner.cost import CostModel
 from stadi.planner.patches import elastic_units
@@ -28,9 +28,9 @@ def _plan(family: str, rows: list[tuple[int, int]], strides: list[int], idle: tu
 
 
 def test_the_text_band_is_the_first_of_the_smallest_stride() -> None:
-    assert text_band([1, 1]) == 0
-    assert text_band([2, 1, 1]) == 1
-    assert text_band([3, 2]) == 1
+    assert text_bands("flux", [1, 1]) == [True, False]
+    assert text_bands("flux", [2, 1, 1]) == [False, True, False]
+    assert text_bands("flux", [3, 2]) == [False, True]
 
 
 def test_one_rank_of_a_flux_group_computes_the_text() -> None:
